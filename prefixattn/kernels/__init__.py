@@ -1,0 +1,66 @@
+"""Kernel backends and the rules for choosing one.
+
+Each backend module exposes forward(...) -> (out, lse) and backward(...) -> (dq, dk, dv, dpk, dpv) with
+the argument order used by prefixattn.ops, plus unsupported_reason(problem, needs_grad) -> str | None.
+Modules are imported lazily: Triton reads TRITON_INTERPRET when a kernel is defined, so tests can set
+it after importing prefixattn but before the first kernel call.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+from typing import Optional
+
+from ..validation import Problem
+
+_MODULES = {"triton": ".triton_backend", "cuda": ".cuda_backend"}
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+def triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def get_backend(name: str) -> ModuleType:
+    if name not in _MODULES:
+        raise ValueError(f"backend: expected one of {sorted(_MODULES)}, got {name!r}")
+    return importlib.import_module(_MODULES[name], __name__)
+
+
+def unsupported_reason(name: str, problem: Problem, *, needs_grad: bool) -> Optional[str]:
+    """Why backend `name` cannot run this problem, or None if it can."""
+    if name == "triton":
+        if not triton_importable():
+            return "triton is not installed"
+        if not problem.device.type == "cuda" and not triton_interpreting():
+            return (f"the tensors are on {problem.device} and Triton needs a CUDA device "
+                    f"(or TRITON_INTERPRET=1 to run its interpreter on the CPU)")
+    return get_backend(name).unsupported_reason(problem, needs_grad=needs_grad)
+
+
+def check_backend(name: str, problem: Problem, *, needs_grad: bool) -> None:
+    reason = unsupported_reason(name, problem, needs_grad=needs_grad)
+    if reason is not None:
+        raise ValueError(f"backend: {name!r} cannot run this call: {reason}")
+
+
+def auto_backend(problem: Problem, *, needs_grad: bool) -> str:
+    """The fastest backend that can run this problem; the reference on the CPU."""
+    if problem.device.type != "cuda":
+        return "torch"
+    if unsupported_reason("cuda", problem, needs_grad=needs_grad) is None:
+        cuda = get_backend("cuda")
+        if cuda.preferred(problem):
+            return "cuda"
+    if unsupported_reason("triton", problem, needs_grad=needs_grad) is None:
+        return "triton"
+    return "torch"

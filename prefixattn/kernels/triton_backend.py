@@ -1,0 +1,42 @@
+"""The "triton" backend: routes each call to the prefill/training kernels or the short-query decode kernels.
+
+Both paths compute the same function and return (out, lse), so the backward (which recomputes from
+q, k, v, out and lse) does not care which forward ran.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor
+
+from ..validation import Problem
+
+MAX_HEAD_DIM = 256
+
+
+def unsupported_reason(problem: Problem, *, needs_grad: bool) -> Optional[str]:
+    if problem.head_dim > MAX_HEAD_DIM:
+        return f"head dim {problem.head_dim} is above the Triton kernels' limit of {MAX_HEAD_DIM}"
+    return None
+
+
+def forward(q: Tensor, k: Tensor, v: Tensor, prefix_k, prefix_v, prefix_index, prefix_lengths,
+            key_padding_mask, attn_bias, causal: bool, scale: float):
+    from . import triton_decode
+
+    if triton_decode.handles(q, k, prefix_k, key_padding_mask, attn_bias, causal):
+        return triton_decode.forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths,
+                                     key_padding_mask, causal, scale)
+    from . import triton_fwd
+
+    return triton_fwd.forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths,
+                              key_padding_mask, attn_bias, causal, scale)
+
+
+def backward(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask,
+             attn_bias, out, lse, causal: bool, scale: float):
+    from . import triton_bwd
+
+    return triton_bwd.backward(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths,
+                               key_padding_mask, attn_bias, out, lse, causal, scale)
