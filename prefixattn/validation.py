@@ -8,6 +8,7 @@ or when the caller opts in with validate_values=True.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -206,6 +207,6 @@ def validate(
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
 
-    scale = float(softmax_scale) if softmax_scale is not None else dim ** -0.5
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(dim)
     return Problem(batch, hq, hkv, sq, sk, dim, plen, pool_size, pooled, q.dtype, q.device, scale, causal,
                    key_padding_mask is not None, attn_bias is not None)

@@ -1,0 +1,31 @@
+"""The `prefixattn` command: check, bench, demo."""
+
+from __future__ import annotations
+
+import sys
+
+USAGE = """usage: prefixattn <command> [options]
+
+commands:
+  check   run every available backend on small problems against the float64 reference
+  bench   the attention microbenchmark (benchmarks/bench_attention.py; needs a GPU for real numbers)
+  demo    prefix-tune a small model end to end: train, eject, save, reload, generate
+"""
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command == "check":
+        from .check import main as run
+    else:
+        print(f"prefixattn: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    return run(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
