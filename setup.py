@@ -34,7 +34,7 @@ DEFAULT_ARCHS = "80;90a"
 
 
 def _log(msg: str) -> None:
-    print(f"prefixattn setup: {msg}", file=sys.stderr)
+    sys.stderr.write(f"prefixattn setup: {msg}\n")  # one write: compiles log from several threads
 
 
 def _build_mode() -> str | None:

@@ -89,6 +89,8 @@ namespace detail {
 // Per-dtype launchers (decode_fp16.cu, decode_bf16.cu); `stream` is a cudaStream_t.
 void launch_fp16(const DecodeParams& p, void* stream);
 void launch_bf16(const DecodeParams& p, void* stream);
+void preload_fp16();
+void preload_bf16();
 }  // namespace detail
 
 }  // namespace prefixattn

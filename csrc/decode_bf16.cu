@@ -4,5 +4,6 @@
 namespace prefixattn {
 namespace detail {
 void launch_bf16(const DecodeParams& p, void* stream) { kern::launch_dtype<__nv_bfloat16>(p, stream); }
+void preload_bf16() { kern::preload_dtype<__nv_bfloat16>(); }
 }  // namespace detail
 }  // namespace prefixattn

@@ -4,5 +4,6 @@
 namespace prefixattn {
 namespace detail {
 void launch_fp16(const DecodeParams& p, void* stream) { kern::launch_dtype<__half>(p, stream); }
+void preload_fp16() { kern::preload_dtype<__half>(); }
 }  // namespace detail
 }  // namespace prefixattn

@@ -32,6 +32,22 @@ void launch_shape(const DecodeParams& p, cudaStream_t stream) {
   }
 }
 
+// Loads every kernel of this dtype into the current context (cudaFuncGetAttributes forces the lazy
+// loader), so a first call made inside CUDA-graph capture does not have to load modules.
+template <typename T>
+void preload_dtype() {
+  cudaFuncAttributes attr;
+  const void* kernels[] = {
+      reinterpret_cast<const void*>(decode_kernel<T, 64, false>), reinterpret_cast<const void*>(decode_kernel<T, 64, true>),
+      reinterpret_cast<const void*>(decode_kernel<T, 128, false>), reinterpret_cast<const void*>(decode_kernel<T, 128, true>),
+      reinterpret_cast<const void*>(merge_kernel<T>)};
+  for (const void* k : kernels) {
+    const cudaError_t err = cudaFuncGetAttributes(&attr, k);
+    if (err != cudaSuccess)
+      throw std::runtime_error(std::string("prefixattn._C: loading the kernels failed: ") + cudaGetErrorString(err));
+  }
+}
+
 template <typename T>
 void launch_dtype(const DecodeParams& p, void* stream) {
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);

@@ -1,6 +1,8 @@
 // Host side of prefixattn._C: parameter checks, device selection and dispatch by dtype.
 #include <cuda_runtime.h>
 
+#include <mutex>
+#include <set>
 #include <stdexcept>
 #include <string>
 
@@ -49,6 +51,17 @@ class DeviceGuard {
  private:
   int prev_ = 0;
 };
+
+// The first call on a device loads all kernels (usually the warm-up before any graph capture).
+void preload_once(int device) {
+  static std::mutex mutex;
+  static std::set<int> loaded;
+  std::lock_guard<std::mutex> lock(mutex);
+  if (loaded.count(device)) return;
+  detail::preload_fp16();
+  detail::preload_bf16();
+  loaded.insert(device);
+}
 
 void check_params(const DecodeParams& p) {
   if (p.dtype != kFloat16 && p.dtype != kBFloat16) bad("dtype", "expected float16 (0) or bfloat16 (1), got " + std::to_string(p.dtype));
@@ -146,6 +159,7 @@ void decode(const DecodeParams& params, uintptr_t stream, int device) {
     while ((1 << p.page_shift) < p.page_size) ++p.page_shift;
   }
   DeviceGuard guard(device);
+  preload_once(device);
   void* s = reinterpret_cast<void*>(stream);
   if (p.dtype == kBFloat16)
     detail::launch_bf16(p, s);

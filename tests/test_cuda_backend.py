@@ -20,6 +20,7 @@ from prefixattn.validation import validate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_CUDA = torch.cuda.is_available()
+DEV = "cuda"  # device of the GPU tests (a module constant so their logic can be dry-run elsewhere)
 
 
 def _nvcc():
@@ -251,7 +252,7 @@ def test_contiguous_matches_reference(B, Sk, P, G, dtype, form):
     case = Case(batch=B, heads_q=2 * G, heads_kv=2, seqlen_q=1, seqlen_k=Sk, head_dim=128 if B != 7 else 64,
                 prefix_len=P, pool=3 if form == "pool" else 0, lengths=form == "pool" and B == 7,
                 noncontiguous=B == 64)
-    (q, k, v, pk, pv), args = _problem(case, dtype, "cuda")
+    (q, k, v, pk, pv), args = _problem(case, dtype, DEV)
     out, lse = prefix_attention(q, k, v, pk, pv, backend="cuda", return_lse=True, **args)
     ref_out, ref_lse = _reference(q, k, v, pk, pv, **args)
     _check(out, lse, ref_out, ref_lse, dtype, str(case))
@@ -275,7 +276,7 @@ def test_contiguous_matches_reference(B, Sk, P, G, dtype, form):
 ], ids=lambda c: f"B{c.batch}-G{c.heads_q // c.heads_kv}-Sq{c.seqlen_q}-Sk{c.seqlen_k}-D{c.head_dim}-P{c.prefix_len}"
                  f"-pool{c.pool}-{c.padding}-causal{int(c.causal)}")
 def test_contiguous_special_cases(case, dtype):
-    (q, k, v, pk, pv), args = _problem(case, dtype, "cuda")
+    (q, k, v, pk, pv), args = _problem(case, dtype, DEV)
     out, lse = prefix_attention(q, k, v, pk, pv, backend="cuda", return_lse=True, **args)
     ref_out, ref_lse = _reference(q, k, v, pk, pv, **args)
     _check(out, lse, ref_out, ref_lse, dtype, str(case))
@@ -286,7 +287,7 @@ def test_contiguous_special_cases(case, dtype):
 @pytest.mark.parametrize("splits", [1, 2, 7, 64])
 def test_forced_split_counts_agree(splits):
     case = Case(batch=3, heads_q=8, heads_kv=2, seqlen_q=2, seqlen_k=700, head_dim=128, prefix_len=33, pool=2)
-    (q, k, v, pk, pv), args = _problem(case, torch.bfloat16, "cuda")
+    (q, k, v, pk, pv), args = _problem(case, torch.bfloat16, DEV)
     out, lse = cuda_backend.decode(q, k, v, pk, pv, args["prefix_index"], None, None, True, 128 ** -0.5,
                                    num_splits=splits)
     ref_out, ref_lse = _reference(q, k, v, pk, pv, **args)
@@ -297,9 +298,9 @@ def test_forced_split_counts_agree(splits):
 @needs_ext
 def test_empty_rows_give_zeros_and_minus_inf():
     case = Case(batch=3, heads_q=4, heads_kv=2, seqlen_q=1, seqlen_k=50, head_dim=64, prefix_len=4, pool=2)
-    (q, k, v, pk, pv), args = _problem(case, torch.float16, "cuda")
-    args["prefix_index"] = torch.tensor([-1, 0, -1], device="cuda")
-    args["key_padding_mask"] = torch.zeros(3, 50, dtype=torch.bool, device="cuda")
+    (q, k, v, pk, pv), args = _problem(case, torch.float16, DEV)
+    args["prefix_index"] = torch.tensor([-1, 0, -1], device=DEV)
+    args["key_padding_mask"] = torch.zeros(3, 50, dtype=torch.bool, device=DEV)
     args["key_padding_mask"][1, :3] = True
     out, lse = prefix_attention(q, k, v, pk, pv, backend="cuda", return_lse=True, **args)
     assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.equal(out[2], torch.zeros_like(out[2]))
@@ -331,7 +332,7 @@ def _paged(B, Hq, Hkv, Sq, D, P, pool, page_size, max_pages, dtype, *, lengths=N
         if pool:
             pidx = torch.randint(-1, pool, (B,), generator=g)
             pidx[0] = 0
-    dev = lambda t: t.cuda() if t is not None else None  # noqa: E731
+    dev = lambda t: t.to(DEV) if t is not None else None  # noqa: E731
     return dict(q=dev(q), k_cache=dev(kc), v_cache=dev(vc), block_table=dev(bt), seq_lens=dev(lengths.to(torch.int32)),
                 prefix_k=dev(pk), prefix_v=dev(pv), prefix_index=dev(pidx), prefix_lengths=None)
 
@@ -358,11 +359,11 @@ def _paged_reference(paged, prefix_index=None):
                 j = L - n + pos
                 k[b, :, j], v[b, :, j] = kc[page, pos % page_size], vc[page, pos % page_size]
                 mask[b, j] = True
-    d = lambda t: t.to(device="cuda", dtype=torch.float64) if t is not None else None  # noqa: E731
+    d = lambda t: t.to(device=DEV, dtype=torch.float64) if t is not None else None  # noqa: E731
     pidx = prefix_index if prefix_index is not None else paged["prefix_index"]
-    extra = {"prefix_index": pidx.cuda()} if pidx is not None else {}
+    extra = {"prefix_index": pidx.to(DEV)} if pidx is not None else {}
     return prefix_attention_reference(d(q), d(k), d(v), d(paged["prefix_k"]), d(paged["prefix_v"]), causal=True,
-                                      key_padding_mask=mask.cuda(), return_lse=True, **extra)
+                                      key_padding_mask=mask.to(DEV), return_lse=True, **extra)
 
 
 _PAGED = [(b, sk, p, (4, 8, 1)[i % 3], (torch.bfloat16, torch.float16)[i % 2], ("pool", "shared")[(i // 2) % 2])
@@ -400,8 +401,8 @@ def test_paged_bad_values_never_read_out_of_bounds():
     paged = _paged(4, 8, 2, 1, 128, 6, 2, 16, 3, torch.float16, seed=2, lengths=torch.tensor([10, 40, 1000, -3]))
     bt = paged["block_table"].cpu()
     bt[0, 0], bt[1, 1], bt[2, 2] = -7, int(bt.max()) + 100, 2 ** 31 - 1
-    paged["block_table"] = bt.cuda()
-    paged["prefix_index"] = torch.tensor([0, 5, -4, 1], device="cuda")
+    paged["block_table"] = bt.to(DEV)
+    paged["prefix_index"] = torch.tensor([0, 5, -4, 1], device=DEV)
     out, lse = cuda_backend.paged_decode(scale=128 ** -0.5, **paged)
     torch.cuda.synchronize()
     assert not torch.isnan(out).any()
@@ -412,10 +413,10 @@ def test_paged_bad_values_never_read_out_of_bounds():
 @pytest.mark.gpu
 @needs_ext
 def test_bad_inputs_raise_before_launch():
-    q = torch.randn(2, 4, 1, 128, device="cuda", dtype=torch.float16)
-    kc = torch.randn(8, 16, 2, 128, device="cuda", dtype=torch.float16)
-    bt = torch.zeros(2, 4, dtype=torch.int32, device="cuda")
-    sl = torch.ones(2, dtype=torch.int32, device="cuda")
+    q = torch.randn(2, 4, 1, 128, device=DEV, dtype=torch.float16)
+    kc = torch.randn(8, 16, 2, 128, device=DEV, dtype=torch.float16)
+    bt = torch.zeros(2, 4, dtype=torch.int32, device=DEV)
+    sl = torch.ones(2, dtype=torch.int32, device=DEV)
     with pytest.raises(TypeError, match="^q: the CUDA kernels support float16 and bfloat16"):
         cuda_backend.paged_decode(q.float(), kc.float(), kc.float(), bt, sl, None, None, None, None, 1.0)
     with pytest.raises(ValueError, match="^q: the CUDA kernels support head dims 64 and 128"):
@@ -424,10 +425,10 @@ def test_bad_inputs_raise_before_launch():
         cuda_backend.paged_decode(q, kc, kc, bt[:1], sl, None, None, None, None, 1.0)
     with pytest.raises(TypeError, match="^seq_lens: expected dtype int32"):
         cuda_backend.paged_decode(q, kc, kc, bt, sl.float(), None, None, None, None, 1.0)
-    flat = torch.randn(8 * 16 * 2 * 128 + 1, device="cuda", dtype=torch.float16)
+    flat = torch.randn(8 * 16 * 2 * 128 + 1, device=DEV, dtype=torch.float16)
     with pytest.raises(ValueError, match="^k_cache: the CUDA kernels need a 16-byte aligned"):
         cuda_backend.paged_decode(q, flat[1:].view(8, 16, 2, 128), kc, bt, sl, None, None, None, None, 1.0)
-    k = torch.randn(2, 2, 10, 128, device="cuda", dtype=torch.float16)
+    k = torch.randn(2, 2, 10, 128, device=DEV, dtype=torch.float16)
     with pytest.raises(ValueError, match=r"^backend: 'cuda' cannot run this call: .*float32"):
         prefix_attention(q.float(), k.float(), k.float(), backend="cuda")
     with pytest.raises(ValueError, match=r"^backend: 'cuda' cannot run this call: .*inference only"):
@@ -446,7 +447,7 @@ def test_cuda_graph_capture_and_replay(paged_form):
         run = lambda: cuda_backend.paged_decode(scale=128 ** -0.5, **paged)  # noqa: E731
     else:
         case = Case(batch=3, heads_q=8, heads_kv=2, seqlen_q=1, seqlen_k=300, head_dim=128, prefix_len=16, pool=2)
-        (q, k, v, pk, pv), args = _problem(case, torch.bfloat16, "cuda")
+        (q, k, v, pk, pv), args = _problem(case, torch.bfloat16, DEV)
         run = lambda: prefix_attention(q, k, v, pk, pv, backend="cuda", return_lse=True, **args)  # noqa: E731
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())

@@ -326,6 +326,7 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+@lru_cache(maxsize=4096)  # called on every decode step with the same few shapes
 def num_splits(blocks: int, max_keys: int, head_dim: int, sms: int) -> int:
     """Split-K factor from shapes only: enough blocks to fill whole waves of the GPU, at least
     MIN_TILES_PER_SPLIT tiles per split. Picks the smallest factor within 85% of the best wave
