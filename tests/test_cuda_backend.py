@@ -342,28 +342,25 @@ def _paged_reference(paged, prefix_index=None):
     clamped to [0, max_pages * page_size], keys on page ids outside [0, num_pages) masked. Sequence b's
     tokens go right-aligned into a contiguous [B, Hkv, L, D] with a padding mask, so the reference's
     bottom-right causal alignment matches 'query i sees j <= seq_len - Sq + i'."""
-    q, kc, vc = paged["q"], paged["k_cache"].cpu(), paged["v_cache"].cpu()
-    bt, sl = paged["block_table"].cpu(), paged["seq_lens"].cpu()
+    q, kc, vc, bt = paged["q"], paged["k_cache"], paged["v_cache"], paged["block_table"].long()
     B, _, Sq, D = q.shape
-    num_pages, page_size, Hkv = kc.shape[:3]
-    cap = bt.shape[1] * page_size
-    lens = [min(max(int(n), 0), cap) for n in sl]
-    L = max(max(lens), Sq)
-    k = torch.zeros(B, Hkv, L, D, dtype=torch.float64)
-    v = torch.zeros_like(k)
-    mask = torch.zeros(B, L, dtype=torch.bool)
-    for b, n in enumerate(lens):
-        for pos in range(n):
-            page = int(bt[b, pos // page_size])
-            if 0 <= page < num_pages:
-                j = L - n + pos
-                k[b, :, j], v[b, :, j] = kc[page, pos % page_size], vc[page, pos % page_size]
-                mask[b, j] = True
-    d = lambda t: t.to(device=DEV, dtype=torch.float64) if t is not None else None  # noqa: E731
+    num_pages, page_size = kc.shape[:2]
+    max_pages = bt.shape[1]
+    lens = paged["seq_lens"].long().clamp(0, max_pages * page_size)
+    L = max(int(lens.max()), Sq)
+    pos = torch.arange(L, device=q.device)[None, :] - (L - lens)[:, None]  # token position of slot j, [B, L]
+    valid = pos >= 0
+    pos = pos.clamp(min=0)
+    page = bt.gather(1, (pos // page_size).clamp(max=max_pages - 1))
+    valid &= (page >= 0) & (page < num_pages)
+    page, tok = page.clamp(0, num_pages - 1), pos % page_size
+    k = torch.where(valid[..., None, None], kc[page, tok].double(), 0.0).transpose(1, 2)
+    v = torch.where(valid[..., None, None], vc[page, tok].double(), 0.0).transpose(1, 2)
+    d = lambda t: t.double() if t is not None else None  # noqa: E731
     pidx = prefix_index if prefix_index is not None else paged["prefix_index"]
-    extra = {"prefix_index": pidx.to(DEV)} if pidx is not None else {}
-    return prefix_attention_reference(d(q), d(k), d(v), d(paged["prefix_k"]), d(paged["prefix_v"]), causal=True,
-                                      key_padding_mask=mask.to(DEV), return_lse=True, **extra)
+    extra = {"prefix_index": pidx.to(q.device)} if pidx is not None else {}
+    return prefix_attention_reference(d(q), k, v, d(paged["prefix_k"]), d(paged["prefix_v"]), causal=True,
+                                      key_padding_mask=valid, return_lse=True, **extra)
 
 
 _PAGED = [(b, sk, p, (4, 8, 1)[i % 3], (torch.bfloat16, torch.float16)[i % 2], ("pool", "shared")[(i // 2) % 2])
@@ -428,6 +425,8 @@ def test_bad_inputs_raise_before_launch():
     flat = torch.randn(8 * 16 * 2 * 128 + 1, device=DEV, dtype=torch.float16)
     with pytest.raises(ValueError, match="^k_cache: the CUDA kernels need a 16-byte aligned"):
         cuda_backend.paged_decode(q, flat[1:].view(8, 16, 2, 128), kc, bt, sl, None, None, None, None, 1.0)
+    with pytest.raises(ValueError, match="^q: the CUDA kernels are inference only"):
+        cuda_backend.paged_decode(q.clone().requires_grad_(), kc, kc, bt, sl, None, None, None, None, 1.0)
     k = torch.randn(2, 2, 10, 128, device=DEV, dtype=torch.float16)
     with pytest.raises(ValueError, match=r"^backend: 'cuda' cannot run this call: .*float32"):
         prefix_attention(q.float(), k.float(), k.float(), backend="cuda")

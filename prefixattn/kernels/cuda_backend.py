@@ -173,6 +173,9 @@ def paged_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tenso
     sequence keys j <= seq_len - Sq + i). The prefix stays in its own buffer. Returns (out, lse) as decode."""
     C = _extension()
     _check_query(q)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k_cache, v_cache, prefix_k, prefix_v)):
+        raise ValueError("q: the CUDA kernels are inference only, but an input requires grad "
+                         "(use torch.no_grad(), or backend='triton')")
     batch, hq, sq, dim = q.shape
     _check_data("k_cache", k_cache, q, 4)
     _check_data("v_cache", v_cache, q, 4)
