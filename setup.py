@@ -74,7 +74,7 @@ def cuda_lib_dirs(nvcc: str) -> list[str]:
     for top in tops:
         for sub in ("lib64", "lib", os.path.join("targets", "x86_64-linux", "lib"),
                     os.path.join("targets", "sbsa-linux", "lib")):
-            d = os.path.normpath(os.path.join(top, sub))
+            d = os.path.realpath(os.path.join(top, sub))
             if os.path.isfile(os.path.join(d, "libcudart_static.a")) and d not in dirs:
                 dirs.append(d)
     return dirs

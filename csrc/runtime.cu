@@ -1,6 +1,7 @@
 // Host side of prefixattn._C: parameter checks, device selection and dispatch by dtype.
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <mutex>
 #include <set>
 #include <stdexcept>
@@ -137,6 +138,8 @@ int device_count() {
 }
 
 void require_device() {
+  static std::atomic<bool> ok{false};  // once a device was seen, later calls skip the query
+  if (ok.load(std::memory_order_relaxed)) return;
   int n = 0;
   const cudaError_t err = cudaGetDeviceCount(&n);
   if (err != cudaSuccess) {
@@ -144,6 +147,7 @@ void require_device() {
     throw std::runtime_error(std::string("prefixattn._C: no usable CUDA device (") + cudaGetErrorString(err) + ")");
   }
   if (n == 0) throw std::runtime_error("prefixattn._C: no CUDA device found");
+  ok.store(true, std::memory_order_relaxed);
 }
 
 int runtime_version() { return CUDART_VERSION; }
