@@ -81,7 +81,8 @@ def cuda_lib_dirs(nvcc: str) -> list[str]:
 
 
 def gencode_flags() -> list[str]:
-    archs = [a.strip() for a in re.split(r"[;,\s]+", os.environ.get("PREFIXATTN_CUDA_ARCHS", DEFAULT_ARCHS)) if a.strip()]
+    spec = os.environ.get("PREFIXATTN_CUDA_ARCHS", DEFAULT_ARCHS)
+    archs = [a.strip() for a in re.split(r"[;,\s]+", spec) if a.strip()]
     flags = []
     for arch in archs:
         arch = arch.replace("sm_", "").replace("compute_", "").replace(".", "")
@@ -125,7 +126,8 @@ class BuildExt(build_ext):
         def compile_one(src: str) -> str:
             obj = os.path.join(out_dir, os.path.basename(src) + ".o")
             inputs = [os.path.join(ROOT, src)] + deps
-            if not self.force and os.path.exists(obj) and all(os.path.getmtime(obj) >= os.path.getmtime(i) for i in inputs):
+            fresh = os.path.exists(obj) and all(os.path.getmtime(obj) >= os.path.getmtime(i) for i in inputs)
+            if fresh and not self.force:
                 return obj
             cmd = [nvcc, *flags, "-c", src, "-o", obj]
             _log(" ".join(cmd))

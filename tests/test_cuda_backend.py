@@ -272,7 +272,8 @@ def test_contiguous_matches_reference(B, Sk, P, G, dtype, form):
     Case(batch=4, heads_q=4, heads_kv=2, seqlen_q=3, seqlen_k=2, head_dim=64, prefix_len=6, causal=False),  # Sq > Sk
     Case(batch=6, heads_q=4, heads_kv=2, seqlen_q=1, seqlen_k=64, head_dim=128, prefix_len=8, pool=4, lengths=True,
          noncontiguous=True),
-    Case(batch=3, heads_q=4, heads_kv=2, seqlen_q=1, seqlen_k=0, head_dim=64, prefix_len=20, causal=False),  # prefix only
+    # prefix only
+    Case(batch=3, heads_q=4, heads_kv=2, seqlen_q=1, seqlen_k=0, head_dim=64, prefix_len=20, causal=False),
 ], ids=lambda c: f"B{c.batch}-G{c.heads_q // c.heads_kv}-Sq{c.seqlen_q}-Sk{c.seqlen_k}-D{c.head_dim}-P{c.prefix_len}"
                  f"-pool{c.pool}-{c.padding}-causal{int(c.causal)}")
 def test_contiguous_special_cases(case, dtype):

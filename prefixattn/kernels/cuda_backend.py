@@ -173,7 +173,8 @@ def paged_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tenso
     sequence keys j <= seq_len - Sq + i). The prefix stays in its own buffer. Returns (out, lse) as decode."""
     C = _extension()
     _check_query(q)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k_cache, v_cache, prefix_k, prefix_v)):
+    inputs = (q, k_cache, v_cache, prefix_k, prefix_v)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
         raise ValueError("q: the CUDA kernels are inference only, but an input requires grad "
                          "(use torch.no_grad(), or backend='triton')")
     batch, hq, sq, dim = q.shape
@@ -301,7 +302,8 @@ def _fill_prefix(p, q: Tensor, hkv: int, prefix_k, prefix_v, prefix_index, prefi
         p.pv_sn, p.pv_sh, p.pv_sp = _strides(prefix_v)
         if prefix_index is None:
             raise ValueError("prefix_index: required with a pool-form prefix [N, Hkv, P, D], got None")
-        if prefix_index.dim() != 1 or prefix_index.shape[0] != batch or prefix_index.dtype not in (torch.int32, torch.int64):
+        if (prefix_index.dim() != 1 or prefix_index.shape[0] != batch
+                or prefix_index.dtype not in (torch.int32, torch.int64)):
             raise ValueError(f"prefix_index: expected int32/int64 [{batch}], got {prefix_index.dtype} "
                              f"{list(prefix_index.shape)}")
         _same_device("prefix_index", prefix_index, q)
