@@ -16,7 +16,8 @@
 //    loads 16-byte chunks of its four V rows and pairs them up with byte permutes. Lane (g, t) ends
 //    up holding O[row g (and g + 8)][64 h + 16 t + 0..15] for each 64-column half h.
 // K loads of the next tile are issued right after the QK^T product, V loads right after PV, so a
-// warp always has one tile's K or V in flight while it computes.
+// warp always has one tile's K or V in flight while it computes; the tile after that is prefetched
+// into L2.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -85,6 +86,10 @@ __device__ __forceinline__ void load16(uint32_t (&r)[4], const void* ptr) {
   r[1] = x.y;
   r[2] = x.z;
   r[3] = x.w;
+}
+
+__device__ __forceinline__ void prefetch_l2(const void* ptr) {
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(ptr));
 }
 
 template <typename T>
@@ -273,14 +278,31 @@ __global__ void __launch_bounds__(kThreads, 2) decode_kernel(const DecodeParams 
     }
   };
 
+  // L2 prefetch of a later tile: the register budget allows one tile of K/V loads in flight per warp,
+  // so tiles further ahead are requested from DRAM into L2 without registers (one 128-byte line of K
+  // and one of V per lane and call).
+  auto prefetch = [&](int tile) {
+    if (tile >= n_tiles) return;
+    constexpr int LINES = D / 64;  // 128-byte lines per key row
+    for (int x = lane; x < kTileKeys * LINES; x += 32) {
+      const int kk = kbeg + tile * kTileKeys + x / LINES;
+      const T* kr = src.template row<false>(kk);
+      const T* vr = src.template row<true>(kk);
+      if (kr != nullptr) prefetch_l2(kr + (x % LINES) * 64);
+      if (vr != nullptr) prefetch_l2(vr + (x % LINES) * 64);
+    }
+  };
+
   int it = warp;
   if (it < n_tiles) {
     load_k(kbeg + it * kTileKeys);
     load_v(kbeg + it * kTileKeys);
+    prefetch(it + kWarps);
   }
   for (; it < n_tiles; it += kWarps) {
     const int k0 = kbeg + it * kTileKeys;
     const int next = it + kWarps;
+    prefetch(next + kWarps);
 
     // S = Q K^T: s[n2][c], c = 0, 1 -> row g, keys 8 n2 + 2t + c; c = 2, 3 -> row g + 8.
     float s[2][4];
