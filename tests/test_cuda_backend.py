@@ -34,6 +34,17 @@ def _nvcc():
 needs_ext = pytest.mark.skipif(cuda_ext.load() is None, reason="prefixattn._C is not built")
 
 
+@pytest.fixture
+def ext():
+    """The extension, for the GPU tests: a machine with nvcc whose build failed fails here instead of
+    skipping every kernel test."""
+    if cuda_ext.load() is None:
+        if _nvcc() is None:
+            pytest.skip("prefixattn._C is not built (no nvcc)")
+        pytest.fail(f"nvcc is present but the CUDA extension is unavailable: {cuda_ext.why_unavailable()}")
+    return cuda_ext.load()
+
+
 # ----------------------------------------------------------------------------------------------------
 # CPU: build, import, refusal
 
@@ -246,7 +257,7 @@ def _ids(cases):
 
 
 @pytest.mark.gpu
-@needs_ext
+@pytest.mark.usefixtures("ext")
 @pytest.mark.parametrize("B, Sk, P, G, dtype, form", _CONTIG, ids=_ids(_CONTIG))
 def test_contiguous_matches_reference(B, Sk, P, G, dtype, form):
     case = Case(batch=B, heads_q=2 * G, heads_kv=2, seqlen_q=1, seqlen_k=Sk, head_dim=128 if B != 7 else 64,
@@ -260,7 +271,7 @@ def test_contiguous_matches_reference(B, Sk, P, G, dtype, form):
 
 
 @pytest.mark.gpu
-@needs_ext
+@pytest.mark.usefixtures("ext")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("case", [
     Case(batch=3, heads_q=8, heads_kv=2, seqlen_q=4, seqlen_k=77, head_dim=128, prefix_len=9),      # Sq > 1
@@ -284,7 +295,7 @@ def test_contiguous_special_cases(case, dtype):
 
 
 @pytest.mark.gpu
-@needs_ext
+@pytest.mark.usefixtures("ext")
 @pytest.mark.parametrize("splits", [1, 2, 7, 64])
 def test_forced_split_counts_agree(splits):
     case = Case(batch=3, heads_q=8, heads_kv=2, seqlen_q=2, seqlen_k=700, head_dim=128, prefix_len=33, pool=2)
@@ -296,7 +307,7 @@ def test_forced_split_counts_agree(splits):
 
 
 @pytest.mark.gpu
-@needs_ext
+@pytest.mark.usefixtures("ext")
 def test_empty_rows_give_zeros_and_minus_inf():
     case = Case(batch=3, heads_q=4, heads_kv=2, seqlen_q=1, seqlen_k=50, head_dim=64, prefix_len=4, pool=2)
     (q, k, v, pk, pv), args = _problem(case, torch.float16, DEV)
@@ -369,7 +380,7 @@ _PAGED = [(b, sk, p, (4, 8, 1)[i % 3], (torch.bfloat16, torch.float16)[i % 2], (
 
 
 @pytest.mark.gpu
-@needs_ext
+@pytest.mark.usefixtures("ext")
 @pytest.mark.parametrize("B, Sk, P, G, dtype, form", _PAGED, ids=_ids(_PAGED))
 def test_paged_matches_reference(B, Sk, P, G, dtype, form):
     page_size = 16 if B != 7 else 24  # 24: not a power of two
@@ -381,7 +392,7 @@ def test_paged_matches_reference(B, Sk, P, G, dtype, form):
 
 
 @pytest.mark.gpu
-@needs_ext
+@pytest.mark.usefixtures("ext")
 @pytest.mark.parametrize("Sq, page_size, G", [(4, 16, 4), (3, 5, 2), (16, 32, 2), (1, 1, 8)])
 def test_paged_multi_query_and_page_sizes(Sq, page_size, G):
     paged = _paged(4, 2 * G, 2, Sq, 64, 10, 2, page_size, -(-100 // page_size), torch.bfloat16, seed=1)
@@ -391,7 +402,7 @@ def test_paged_multi_query_and_page_sizes(Sq, page_size, G):
 
 
 @pytest.mark.gpu
-@needs_ext
+@pytest.mark.usefixtures("ext")
 def test_paged_bad_values_never_read_out_of_bounds():
     """Page ids outside the cache mask their keys, seq_lens beyond the table are clamped to it,
     negative seq_lens count as 0, pool indices outside [0, N) mean no prefix: finite results equal to
@@ -409,7 +420,7 @@ def test_paged_bad_values_never_read_out_of_bounds():
 
 
 @pytest.mark.gpu
-@needs_ext
+@pytest.mark.usefixtures("ext")
 def test_bad_inputs_raise_before_launch():
     q = torch.randn(2, 4, 1, 128, device=DEV, dtype=torch.float16)
     kc = torch.randn(8, 16, 2, 128, device=DEV, dtype=torch.float16)
@@ -439,7 +450,7 @@ def test_bad_inputs_raise_before_launch():
 
 
 @pytest.mark.gpu
-@needs_ext
+@pytest.mark.usefixtures("ext")
 @pytest.mark.parametrize("paged_form", [False, True])
 def test_cuda_graph_capture_and_replay(paged_form):
     if paged_form:
