@@ -179,6 +179,21 @@ def test_num_splits_heuristic(blocks, keys, dim, expect):
         assert s > 1 and s * cuda_backend.MIN_TILES_PER_SPLIT * cuda_backend.TILE_KEYS <= keys + 15 * s
 
 
+def test_opt_in_paged_value_checks():
+    bt = torch.tensor([[0, 1, -1], [2, 9, 3]], dtype=torch.int32)  # 9 is past a cache of 8 pages
+    check = cuda_backend._check_paged_values
+    check(bt, torch.tensor([32, 16]), 8, 16, None, None, None)  # unused slots may hold anything
+    with pytest.raises(ValueError, match=r"^block_table: expected page ids in \[0, 8\).* got 9 at \[1, 1\]"):
+        check(bt, torch.tensor([32, 17]), 8, 16, None, None, None)
+    with pytest.raises(ValueError, match=r"^seq_lens: expected values in \[0, 48\].* got -1 for sequence 0"):
+        check(bt, torch.tensor([-1, 3]), 8, 16, None, None, None)
+    pool = torch.zeros(3, 2, 5, 64)
+    with pytest.raises(ValueError, match=r"^prefix_index: expected values in \[-1, 2\]"):
+        check(bt, torch.tensor([1, 1]), 8, 16, pool, torch.tensor([3, -1]), None)
+    with pytest.raises(ValueError, match=r"^prefix_lengths: expected values in \[0, 5\]"):
+        check(bt, torch.tensor([1, 1]), 8, 16, pool, torch.tensor([0, -1]), torch.tensor([5, 6, 0]))
+
+
 class _FakeStream:
     cuda_stream = 0
 
@@ -412,6 +427,11 @@ def test_paged_bad_values_never_read_out_of_bounds():
     bt[0, 0], bt[1, 1], bt[2, 2] = -7, int(bt.max()) + 100, 2 ** 31 - 1
     paged["block_table"] = bt.to(DEV)
     paged["prefix_index"] = torch.tensor([0, 5, -4, 1], device=DEV)
+    for over, msg in ((dict(), "^seq_lens: expected values in \\[0, 48\\]"),
+                      (dict(seq_lens=torch.tensor([10, 40, 48, 0], device=DEV)), "^block_table: expected page ids"),
+                      (dict(seq_lens=torch.tensor([0, 16, 32, 0], device=DEV)), "^prefix_index: expected values")):
+        with pytest.raises(ValueError, match=msg):  # the opt-in host-side checks name the bad value
+            cuda_backend.paged_decode(scale=1.0, validate_values=True, **{**paged, **over})
     out, lse = cuda_backend.paged_decode(scale=128 ** -0.5, **paged)
     torch.cuda.synchronize()
     assert not torch.isnan(out).any()

@@ -167,10 +167,14 @@ def decode(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor], prefix_v
 
 def paged_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, seq_lens: Tensor,
                  prefix_k: Optional[Tensor], prefix_v: Optional[Tensor], prefix_index: Optional[Tensor],
-                 prefix_lengths: Optional[Tensor], scale: float, *, num_splits: Optional[int] = None):
+                 prefix_lengths: Optional[Tensor], scale: float, *, num_splits: Optional[int] = None,
+                 validate_values: bool = False):
     """Decode against a paged cache: k_cache, v_cache [num_pages, page_size, Hkv, D], block_table
     [B, max_pages] (int32; int64 is converted), seq_lens [B] counting the Sq new tokens (query i sees
-    sequence keys j <= seq_len - Sq + i). The prefix stays in its own buffer. Returns (out, lse) as decode."""
+    sequence keys j <= seq_len - Sq + i). The prefix stays in its own buffer. Returns (out, lse) as decode.
+
+    Values are not read on the host (no sync; CUDA-graph safe); out-of-range ones are handled as the module
+    docstring says. validate_values=True reads them (a host sync) and raises ValueError instead."""
     C = _extension()
     _check_query(q)
     inputs = (q, k_cache, v_cache, prefix_k, prefix_v)
@@ -188,6 +192,8 @@ def paged_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tenso
     seq_lens = _index_tensor("seq_lens", seq_lens, q, 1, batch)
     if page_size < 1:
         raise ValueError(f"k_cache: expected page_size >= 1, got shape {list(k_cache.shape)}")
+    if validate_values:
+        _check_paged_values(block_table, seq_lens, num_pages, page_size, prefix_k, prefix_index, prefix_lengths)
     p = C.DecodeParams()
     _fill_common(p, q, scale)
     p.causal = True
@@ -270,6 +276,35 @@ def _index_tensor(name: str, t: Tensor, q: Tensor, rank: int, batch: int) -> Ten
         raise TypeError(f"{name}: expected dtype int32 (or int64), got {t.dtype}")
     _same_device(name, t, q)
     return t if t.dtype == torch.int32 else t.to(torch.int32)
+
+
+def _check_paged_values(block_table: Tensor, seq_lens: Tensor, num_pages: int, page_size: int,
+                        prefix_k: Optional[Tensor], prefix_index: Optional[Tensor],
+                        prefix_lengths: Optional[Tensor]) -> None:
+    """The opt-in value checks of paged_decode (they synchronise with the device)."""
+    bt, sl = block_table.cpu(), seq_lens.cpu().long()
+    cap = bt.shape[1] * page_size
+    bad = ((sl < 0) | (sl > cap)).nonzero().flatten()
+    if bad.numel():
+        b = int(bad[0])
+        raise ValueError(f"seq_lens: expected values in [0, {cap}] (max_pages * page_size), got {int(sl[b])} "
+                         f"for sequence {b}")
+    used = torch.arange(bt.shape[1])[None, :] < ((sl + page_size - 1) // page_size)[:, None]
+    bad = (used & ((bt < 0) | (bt >= num_pages))).nonzero()
+    if bad.numel():
+        b, slot = (int(x) for x in bad[0])
+        raise ValueError(f"block_table: expected page ids in [0, {num_pages}) for the pages a sequence uses, got "
+                         f"{int(bt[b, slot])} at [{b}, {slot}]")
+    if prefix_k is not None and prefix_k.dim() == 4 and prefix_index is not None and prefix_index.numel():
+        idx = prefix_index.cpu()
+        if int(idx.min()) < -1 or int(idx.max()) >= prefix_k.shape[0]:
+            raise ValueError(f"prefix_index: expected values in [-1, {prefix_k.shape[0] - 1}], got min "
+                             f"{int(idx.min())}, max {int(idx.max())}")
+    if prefix_k is not None and prefix_lengths is not None and prefix_lengths.numel():
+        lengths = prefix_lengths.cpu()
+        if int(lengths.min()) < 0 or int(lengths.max()) > prefix_k.shape[-2]:
+            raise ValueError(f"prefix_lengths: expected values in [0, {prefix_k.shape[-2]}], got min "
+                             f"{int(lengths.min())}, max {int(lengths.max())}")
 
 
 def _fill_common(p, q: Tensor, scale: float) -> None:
