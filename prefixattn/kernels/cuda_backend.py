@@ -30,7 +30,7 @@ MAX_SEQLEN_Q = 16
 TILE_KEYS = 16  # keys per warp iteration in the kernel
 TILE_ROWS = 16  # query rows (GQA heads x Sq) per block
 # Blocks of the decode kernel resident per SM (128 threads; registers from `nvcc -Xptxas -v`, sm_90a:
-# ~230 for D=128, ~145 for D=64). Used to size the split-K grid to whole waves.
+# ~232 for D=128, ~154 for D=64). Used to size the split-K grid to whole waves.
 BLOCKS_PER_SM = {64: 3, 128: 2}
 MAX_SPLITS = 64
 MIN_TILES_PER_SPLIT = 4  # 64 keys: one tile per warp
