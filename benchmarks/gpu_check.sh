@@ -90,7 +90,7 @@ package() {  # results so far -> $OUT (called after every step)
     fi
     if [ -f "$LOGS/tests.log" ]; then
       echo "tests: $(grep -E '(passed|failed|error|skipped|no tests ran)' "$LOGS/tests.log" | tail -n 1)"
-      grep -E '^(FAILED|ERROR) ' "$LOGS/tests.log" | head -n 15 | cut -c1-220
+      grep -E '^(FAILED|ERROR) ' "$LOGS/tests.log" | head -n 10 | cut -c1-160
     fi
     if [ -f "$LOGS/memcheck.log" ]; then
       echo "memcheck: $(grep -E 'ERROR SUMMARY|memcheck:' "$LOGS/memcheck.log" | tail -n 1)"

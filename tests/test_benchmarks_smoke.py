@@ -99,7 +99,9 @@ def test_gpu_check_dry_run(tmp_path):
                            "--budget", "120"], cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     out = tmp_path / "out"
-    assert {p.name for p in out.iterdir()} == {"summary.txt", "results.tar.gz", "decode.json"}
+    files = {p.name for p in out.iterdir()}
+    assert {"summary.txt", "results.tar.gz", "decode.json"} <= files <= {"summary.txt", "results.tar.gz",
+                                                                          "decode.json", "decode.png"}
     summary = (out / "summary.txt").read_text()
     assert "decode benchmark" in summary and "env        ok" in summary
     assert proc.stdout.rstrip().endswith(summary.rstrip().splitlines()[-1])  # the summary ends stdout
@@ -189,3 +191,40 @@ def test_rotation_and_timer():
     calls = []
     r = timing.time_fns([lambda: calls.append(0), lambda: calls.append(1)], "cpu", warmup_ms=0.1, rep_ms=0.5)
     assert r["reps"] >= 5 and r["ms"] >= 0 and set(calls) == {0, 1}  # both input sets are used
+
+
+class _NoBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise NotImplementedError("backward kernel not written yet")
+
+
+def test_pick_skips_wrong_variants_and_times_forward_without_backward(tmp_path):
+    """The GPU run is one shot: a variant that disagrees is passed over, a missing backward costs only fwd+bwd."""
+    shape = attention.Shape("t", 1, 2, 2, 16, 8)
+    sets = attention.make_sets(shape, 1, "cpu", torch.float32)
+    attention.set_prefix(sets, shape, 3, "cpu", torch.float32)
+    good = attention.build_concat_mask(shape, 3, "cpu")[0]
+    ref = attention.outputs(good, sets[0], backward=True)
+    wrong = attention.Method("m", lambda *a: good.fwd(*a) * 1.5, "wrong")
+    no_bwd = attention.Method("m", lambda *a: _NoBackward.apply(good.fwd(*a)), "forward only")
+    writer = timing.ResultWriter(tmp_path / "r.json")
+    bench = attention.Bench(attention.parse_args(["--smoke"]), torch.device("cpu"), torch.float32, writer,
+                            timing.Deadline(None), timing.Progress("t"))
+    m, check, tried = bench.pick([wrong, no_bwd], sets[0], ref, backward=True, shape="t", P=3, method="m")
+    assert m.note.startswith("forward only") and not m.backward and check["ok"]
+    assert "disagrees" in tried[0] and "backward kernel not written" in tried[1]
+    assert any(r["kind"] == "error" and r["mode"] == "fwdbwd" for r in writer.records)
+    m, check, _ = bench.pick([wrong], sets[0], ref, backward=True)  # the last variant is kept, flagged wrong
+    assert m is wrong and check["ok"] is False
+
+
+def test_plots_render(tmp_path):
+    pytest.importorskip("matplotlib")
+    rc = attention.main(["--smoke", "--out", str(tmp_path), "--phases", "main"])
+    assert rc == 0 and (tmp_path / "attention.png").stat().st_size > 0
+    assert decode.main(["--smoke", "--out", str(tmp_path)]) == 0 and (tmp_path / "decode.png").stat().st_size > 0

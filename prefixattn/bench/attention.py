@@ -208,10 +208,11 @@ def build_split_merge(shape: Shape, plen: int, device) -> list[Method]:
         return fwd
 
     note = "cuDNN causal (lse) + prefix matmuls + compiled lse merge"
-    methods = [Method("split_merge", make(cudnn), note, backward=False)]
+    # Without a copy first; repeating K/V for GQA (a copy inside the timing) only if neither kernel takes GQA.
+    methods = [Method("split_merge", make(cudnn), note, backward=False),
+               Method("split_merge", make(flash), note.replace("cuDNN", "flash"), backward=False)]
     if g > 1:
         methods.append(Method("split_merge", make(cudnn_repeated), note + ", repeat_kv", backward=False))
-    methods.append(Method("split_merge", make(flash), note.replace("cuDNN", "flash"), backward=False))
     return methods
 
 
@@ -231,12 +232,15 @@ def build_floor(shape: Shape, device) -> list[Method]:
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=(g > 1 and not repeat))
         return fwd
 
-    methods = [Method("floor", with_backend(SDPBackend.CUDNN_ATTENTION, False), "SDPA(cuDNN) causal, no prefix")]
+    # GQA: a kernel that takes it natively before one that needs K/V repeated (a copy that would flatter
+    # every target scaled from this floor).
+    methods = [Method("floor", with_backend(SDPBackend.CUDNN_ATTENTION, False),
+                      "SDPA(cuDNN) causal, no prefix" + (", enable_gqa" if g > 1 else ""))]
     if g > 1:
-        methods.append(Method("floor", with_backend(SDPBackend.CUDNN_ATTENTION, True),
-                              "SDPA(cuDNN) causal, no prefix, repeat_kv"))
         methods.append(Method("floor", with_backend(SDPBackend.FLASH_ATTENTION, False),
                               "SDPA(flash) causal, no prefix, enable_gqa"))
+        methods.append(Method("floor", with_backend(SDPBackend.CUDNN_ATTENTION, True),
+                              "SDPA(cuDNN) causal, no prefix, repeat_kv"))
     return methods
 
 
@@ -352,14 +356,24 @@ class Bench:
     def pick(self, candidates: list[Method], st: InputSet, ref, backward: bool, **where):
         """The first candidate that runs and agrees with the reference output (if one is given)."""
         tried = []
-        for m in candidates:
+        for i, m in enumerate(candidates):
+            last = i == len(candidates) - 1
             try:
                 out, grads = outputs(m, st, backward and m.backward)
-            except Exception as exc:  # noqa: BLE001 - try the next variant, report all at the end
+            except Exception as exc:  # noqa: BLE001 - try the forward alone, then the next variant
                 if timing.is_fatal_cuda_error(exc):
                     self.fail(exc, method=m.name, **where)
                 tried.append(f"{m.note}: {error_text(exc, 200)}")
-                continue
+                if not (backward and m.backward):
+                    continue
+                try:  # a forward that works is still worth timing when only the backward fails
+                    out, grads = outputs(m, st, False)
+                except Exception as exc2:  # noqa: BLE001
+                    if timing.is_fatal_cuda_error(exc2):
+                        self.fail(exc2, method=m.name, **where)
+                    continue
+                self.record(kind="error", mode="fwdbwd", error="backward failed: " + error_text(exc), **where)
+                m = Method(m.name, m.fwd, m.note + " (backward failed)", backward=False)
             check = None
             if ref is not None:
                 ref_out, ref_grads = ref
@@ -369,8 +383,8 @@ class Bench:
                     check.update({f"{n}_rel_err": rel_err(a, b) for n, a, b in zip(names, grads, ref_grads)})
                 worst = max(v for v in check.values())
                 check["ok"] = bool(worst <= CHECK_TOL)  # nan compares False
-                if not check["ok"] and m is not candidates[-1]:
-                    tried.append(f"{m.note}: disagrees with concat_mask (max rel err {worst:.3g})")
+                if not check["ok"] and not last:
+                    tried.append(f"{m.note}: disagrees with the reference (max rel err {worst:.3g})")
                     continue
             return m, check, tried
         return None, None, tried
@@ -408,7 +422,8 @@ class Bench:
                 continue
             rec = dict(base, mode=mode, **t, TFLOPs=factor * flops_fwd / (t["ms"] * 1e-3) / 1e12,
                        peak_extra_MB=None if peak is None else peak / 2**20,
-                       anchor_ms=report.ATTENTION_ANCHORS.get((name, plen, mode)) if shape.name == "main" and not self.smoke else None)
+                       anchor_ms=None if shape.name != "main" or self.smoke
+                       else report.ATTENTION_ANCHORS.get((name, plen, mode)))
             self.record(**rec)
             results[mode] = rec
             flag = "" if rec["correct"] in (None, True) else "  WRONG"
@@ -438,7 +453,16 @@ class Bench:
         self.progress.note(f"{shape.name}: {shape.describe()} {str(dt)[6:]}, {n_sets} input sets")
         if "floor" in methods:
             flops0 = timing.attention_flops(shape.batch, shape.heads_q, shape.seqlen, shape.seqlen, 0, shape.head_dim)
-            self.run_method(shape, 0, build_floor(shape, dev), sets, None, flops0)
+            g = shape.groups
+            plain = Method("reference", lambda q, k, v, pk, pv: F.scaled_dot_product_attention(
+                q, repeat_kv(k, g), repeat_kv(v, g), is_causal=True), "SDPA(default) causal, repeat_kv")
+            try:  # the floor's own check: the default SDPA path on the same inputs
+                ref0 = outputs(plain, sets[0], backward=True)
+            except Exception as exc:  # noqa: BLE001
+                self.fail(exc, shape=shape.name, P=0, method="floor", mode="reference")
+                ref0 = None
+            self.run_method(shape, 0, build_floor(shape, dev), sets, ref0, flops0)
+            del ref0
         for plen in prefix_lens:
             if self.out_of_time(f"{shape.name} P={plen}"):
                 return
@@ -550,7 +574,11 @@ def main(argv=None) -> int:
     table = report.attention_table(writer.records)
     (out_dir / "attention.txt").write_text(table)
     print(table)
-    png = report.attention_plot(writer.records, out_dir / "attention.png")
+    try:  # a plotting problem must not cost the measurements
+        png = report.attention_plot(writer.records, out_dir / "attention.png")
+    except Exception as exc:  # noqa: BLE001
+        png = None
+        print(f"no plot: {error_text(exc)}", file=sys.stderr)
     if png:
         print(f"wrote {out_dir / 'attention.json'}, {png}", file=sys.stderr)
     return 1 if any(r.get("kind") == "error" for r in writer.records) else 0

@@ -311,7 +311,9 @@ class Bench:
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, use_cache=True,
                              return_dict_in_generate=True, **make_kwargs())
-        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        cache = getattr(out, "cache", None)  # transformers 5.24; 5.17 calls it past_key_values
+        if cache is None:
+            cache = getattr(out, "past_key_values", None)
         return out.sequences, cache
 
     def timed_generate(self, phase: str, method: str, model, batch: int, *, concat_prefix=None,

@@ -255,8 +255,8 @@ def decode_table(records: list[dict]) -> str:
              "us per call (median); BW = (B*Sk+P)*Hkv*D*2*2 bytes / time of the best prefixattn method; "
              "KV GB per layer: prefixattn / concat"]
     present = decode_method_order(r["method"] for r in rows)
-    lines.append(f"{'B':>4} {'Sk':>6} {'P':>4} |" + "".join(f"{decode_short(m):>9}" for m in present)
-                 + " | best      TB/s  %copy  x_concat | KV GB pa/concat")
+    lines.append(f"{'B':>4} {'Sk':>6} {'P':>4} |" + "".join(f"{decode_short(m):>10}" for m in present)
+                 + " | best       TB/s  %copy  x_concat | KV GB pa/concat")
     by = {(r["B"], r["Sk"], r["P"], r["method"]): r for r in rows}
     points = sorted({(r["B"], r["Sk"], r["P"]) for r in rows if r["P"] > 0}, key=lambda x: (x[1], x[0], x[2]))
     for b, s, p in points:
@@ -264,7 +264,7 @@ def decode_table(records: list[dict]) -> str:
         for m in present:
             r = by.get((b, s, 0 if m == "floor" else p, m))
             mark = "!" if r and r.get("correct") is False else " "
-            cells.append(("-" if r is None else f"{r['us']:.1f}").rjust(8) + mark)
+            cells.append(("-" if r is None else f"{r['us']:.1f}").rjust(9) + mark)
         cands = [by[(b, s, p, m)] for m in present if m not in ("floor", "concat_sdpa") and (b, s, p, m) in by
                  and by[(b, s, p, m)].get("correct") is not False]
         best = min(cands, key=lambda r: r["ms"]) if cands else None
@@ -272,18 +272,27 @@ def decode_table(records: list[dict]) -> str:
         tail = "   -"
         if best:
             x = f"{concat['ms'] / best['ms']:.2f}x" if concat else "-"
-            tail = (f" {decode_short(best['method']):<8}{best['TBps_needed']:>6.2f} {100 * best['pct_of_copy']:>5.0f}% "
+            tail = (f" {decode_short(best['method']):<9}{best['TBps_needed']:>6.2f} {100 * best['pct_of_copy']:>5.0f}% "
                     f"{x:>8}")
         kv_pa = best["kv_cache_GB_per_layer"] if best else None
         kv_c = concat["kv_cache_GB_per_layer"] if concat else None
         kv = f"{kv_pa:.3f}/{kv_c:.3f}" if kv_pa is not None and kv_c is not None else "-"
         lines.append(f"{b:>4} {s:>6} {p:>4} |" + "".join(cells) + " |" + tail + f" | {kv}")
-    tg = decode_targets(records)
-    if tg:
-        lines.append("targets:")
-        for t in tg:
-            lines.append(f"  {t['verdict']:<5} {t['method']:<18} B={t['B']} Sk={t['Sk']} P={t['P']}: {t['target']}"
-                         f" -> {t['value']:.2f}")
+    anchored = [r for r in rows if r.get("anchor_us")]
+    if anchored:
+        lines.append("concat/floor vs anchors (us, measured/anchor): " + ", ".join(
+            f"B={r['B']} Sk={r['Sk']} P={r['P']} {r['us']:.1f}/{r['anchor_us']:.1f}" for r in anchored))
+    groups: dict = {}
+    for t in decode_targets(records):
+        groups.setdefault((t["target"], t["method"]), []).append(t)
+    if groups:
+        lines.append("targets, per point Sk/P:value (value = fraction of copy ceiling, speedup, or time / concat):")
+    for (target, method), ts in groups.items():
+        verdicts = [t["verdict"] for t in ts]
+        verdict = "WRONG" if "WRONG" in verdicts else ("PASS" if set(verdicts) == {"PASS"} else
+                                                       f"MISS {verdicts.count('MISS')}/{len(ts)}")
+        values = " ".join(f"{t['Sk']}/{t['P']}:{t['value']:.2f}" for t in ts[:9]) + (" ..." if len(ts) > 9 else "")
+        lines.append(f"  {verdict:<9} {method:<18} {target}: {values}")
     for r in records:
         if r.get("kind") == "skipped":
             lines.append(f"skipped: {r.get('reason')} " + " ".join(f"{k}={r[k]}" for k in ("B", "Sk", "next")
@@ -325,6 +334,7 @@ def decode_plot(records: list[dict], path: Path) -> Optional[Path]:
                 ax.axhline(copy, color="k", linestyle=":", label="copy ceiling")
                 ax.axhline(BW_TARGET * copy, color="k", linestyle="--", linewidth=0.8, label="target")
             ax.set_xscale("log", base=2)
+            ax.set_ylim(bottom=0)
             ax.set_title(f"Sk={s} P={p}", fontsize=9)
             ax.set_xlabel("batch")
             ax.set_ylabel("TB/s on needed bytes")
