@@ -4,8 +4,8 @@
 #
 #   bash benchmarks/gpu_check.sh [--quick] [--steps LIST] [--budget SECONDS] [--dry]
 #
-#   --steps LIST     comma list, in this order: install,env,tests,memcheck,attention,decode,e2e
-#                    (default: all; --dry: env,attention,decode,e2e)
+#   --steps LIST     comma list, run in the order given, of install,env,tests,memcheck,attention,decode,e2e
+#                    (default: all, in that order; --dry: env,attention,decode,e2e)
 #   --budget S       total wall-clock seconds (default 540; --dry 300). Each step gets what is left, capped;
 #                    steps that no longer fit are skipped and listed as SKIPPED.
 #   --quick          the benchmarks' quick modes (fewer shapes / points / tokens)
@@ -67,6 +67,10 @@ else
   STEPS=${STEPS:-install,env,tests,memcheck,attention,decode,e2e}
   BUDGET=${BUDGET:-540}
 fi
+ALL_STEPS=install,env,tests,memcheck,attention,decode,e2e
+for s in ${STEPS//,/ }; do
+  [[ ",$ALL_STEPS," == *",$s,"* ]] || { echo "gpu_check.sh: unknown step '$s' (steps: $ALL_STEPS)" >&2; exit 2; }
+done
 QFLAG=""
 [ "$QUICK" = 1 ] && QFLAG="--quick"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -130,33 +134,40 @@ run_step() {
   package
 }
 
-run_step install 300 "
-  $PY -m pip install -v --no-deps --no-build-isolation -e . || exit 1
-  $PY -c 'import prefixattn._C' 2>/dev/null && echo 'cuda extension: built' || echo 'cuda extension: NOT importable'
-"
-
-run_step env 60 "
-  nvidia-smi || echo 'no nvidia-smi'
-  nvcc --version || echo 'no nvcc'
-  $PY -m pip list 2>/dev/null | grep -iE '^(torch|triton|transformers|peft|matplotlib|numpy|setuptools|pybind11) '
-  $PY -c 'import json, torch; from prefixattn.bench import timing
+# One step: its time cap (seconds) and command; steps run in the order --steps gives them.
+step() {
+  case "$1" in
+    install) run_step install 300 "
+      $PY -m pip install -v --no-deps --no-build-isolation -e . || exit 1
+      $PY -c 'import prefixattn._C' 2>/dev/null && echo 'cuda extension: built' || echo 'cuda extension: NOT importable'
+    " ;;
+    env) run_step env 60 "
+      nvidia-smi || echo 'no nvidia-smi'
+      nvcc --version || echo 'no nvcc'
+      $PY -m pip list 2>/dev/null | grep -iE '^(torch|triton|transformers|peft|matplotlib|numpy|setuptools|pybind11) '
+      $PY -c 'import json, torch; from prefixattn.bench import timing
 dev = \"cuda\" if torch.cuda.is_available() else \"cpu\"
 env = timing.environment(dev)
 open(\"$RESULTS/env.json\", \"w\").write(json.dumps(env, indent=1))
 print(json.dumps(env, indent=1))'
-"
+    " ;;
+    tests) run_step tests 240 "$PY -m pytest $PYTEST_ARGS --junitxml=$LOGS/pytest-gpu.xml" ;;
+    memcheck) run_step memcheck 180 "
+      if [ ! -f benchmarks/cuda_memcheck.py ]; then echo 'memcheck: skipped, no benchmarks/cuda_memcheck.py'; exit 0; fi
+      if ! command -v compute-sanitizer >/dev/null; then echo 'memcheck: skipped, no compute-sanitizer'; exit 0; fi
+      compute-sanitizer --tool memcheck --error-exitcode 3 $PY benchmarks/cuda_memcheck.py
+    " ;;
+    attention) run_step attention 300 \
+      "$PY benchmarks/bench_attention.py --out $RESULTS --budget-s \$STEP_BUDGET $QFLAG $SMOKE $ATTN_ARGS" ;;
+    decode) run_step decode 200 \
+      "$PY benchmarks/bench_decode.py --out $RESULTS --budget-s \$STEP_BUDGET $QFLAG $SMOKE $DECODE_ARGS" ;;
+    e2e) run_step e2e 360 "$PY benchmarks/bench_e2e.py --out $RESULTS --budget-s \$STEP_BUDGET $QFLAG $SMOKE $E2E_ARGS" ;;
+  esac
+}
 
-run_step tests 240 "$PY -m pytest $PYTEST_ARGS --junitxml=$LOGS/pytest-gpu.xml"
-
-run_step memcheck 180 "
-  if [ ! -f benchmarks/cuda_memcheck.py ]; then echo 'memcheck: skipped, no benchmarks/cuda_memcheck.py'; exit 0; fi
-  if ! command -v compute-sanitizer >/dev/null; then echo 'memcheck: skipped, no compute-sanitizer'; exit 0; fi
-  compute-sanitizer --tool memcheck --error-exitcode 3 $PY benchmarks/cuda_memcheck.py
-"
-
-run_step attention 300 "$PY benchmarks/bench_attention.py --out $RESULTS --budget-s \$STEP_BUDGET $QFLAG $SMOKE $ATTN_ARGS"
-run_step decode 200 "$PY benchmarks/bench_decode.py --out $RESULTS --budget-s \$STEP_BUDGET $QFLAG $SMOKE $DECODE_ARGS"
-run_step e2e 360 "$PY benchmarks/bench_e2e.py --out $RESULTS --budget-s \$STEP_BUDGET $QFLAG $SMOKE $E2E_ARGS"
+for s in ${STEPS//,/ }; do
+  step "$s"
+done
 
 package
 echo
