@@ -165,6 +165,7 @@ print(json.dumps(env, indent=1))'
   esac
 }
 
+echo "gpu_check: steps $STEPS, budget ${BUDGET}s, quick=$QUICK dry=$DRY, results in $OUT (scratch $WORK)"
 for s in ${STEPS//,/ }; do
   step "$s"
 done
