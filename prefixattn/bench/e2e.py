@@ -79,6 +79,8 @@ def build_model(settings: Settings, device, dtype):
             model = LlamaForCausalLM._from_config(config, attn_implementation="sdpa", dtype=dtype)
         except TypeError:  # older transformers spell it torch_dtype
             model = LlamaForCausalLM._from_config(config, attn_implementation="sdpa", torch_dtype=dtype)
+    if next(model.parameters()).dtype != dtype:  # a transformers that ignored the dtype argument
+        model = model.to(dtype)
     w = model.lm_head.weight
     if not float(w.float().std()) > 0:
         raise RuntimeError("model weights are not initialised (all equal): refusing to time on them")
