@@ -29,7 +29,7 @@ from . import patch_interpreter_scalars, triton_interpreting
 if triton_interpreting():
     patch_interpreter_scalars()
 
-LN2 = 0.6931471805599453
+LN2 = tl.constexpr(0.6931471805599453)  # jit code may only read constexpr globals
 
 
 @triton.jit
