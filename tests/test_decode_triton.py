@@ -237,9 +237,37 @@ def test_splits_fill_the_gpu_only_when_the_batch_cannot():
 GPU_TOL = TOLERANCE[torch.bfloat16]
 
 
-def _gpu_case(batch, sk, p, pool, sq=1, **kw):
-    return Case(batch=batch, heads_q=8, heads_kv=2, seqlen_q=sq, seqlen_k=sk, head_dim=128, prefix_len=p,
-                pool=pool, lengths=pool > 0, **kw)
+def _gpu_run(batch, sk, p, pool=0, sq=1, path=None, dtype=torch.bfloat16, heads_q=8, heads_kv=2, head_dim=128,
+             padding=False, strided=False):
+    """Inputs drawn on the GPU in the kernel dtype; the reference runs on float64 copies of those values."""
+    g = torch.Generator(device="cuda").manual_seed(batch * 7919 + sk * 31 + p)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, device="cuda", dtype=torch.float32).to(dtype)
+
+    if strided:  # [B, S, H, D] memory viewed as [B, H, S, D], as transformers passes it
+        q, k, v = (rnd(batch, n, h, head_dim).transpose(1, 2)
+                   for n, h in ((sq, heads_q), (sk, heads_kv), (sk, heads_kv)))
+    else:
+        q, k, v = rnd(batch, heads_q, sq, head_dim), rnd(batch, heads_kv, sk, head_dim), rnd(batch, heads_kv, sk, head_dim)
+    args = {}
+    pk = pv = None
+    if p:
+        shape = (pool, heads_kv, p, head_dim) if pool else (heads_kv, p, head_dim)
+        pk, pv = rnd(*shape), rnd(*shape)
+        if pool:
+            args["prefix_index"] = torch.randint(-1, pool, (batch,), generator=g, device="cuda")
+            args["prefix_lengths"] = torch.randint(0, p + 1, (pool,), generator=g, device="cuda")
+    if padding:
+        lens = torch.randint(0, sk + 1, (batch,), generator=g, device="cuda")
+        args["key_padding_mask"] = torch.arange(sk, device="cuda")[None, :] >= (sk - lens)[:, None]
+    f64 = [None if t is None else t.double() for t in (q, k, v, pk, pv)]
+    ref, ref_lse = prefixattn.prefix_attention_reference(*f64, return_lse=True, **args)
+    with td.force(path=path):
+        out, lse = prefixattn.prefix_attention(q, k, v, pk, pv, return_lse=True, backend="triton", **args)
+    assert out.transpose(1, 2).is_contiguous() and out.dtype == dtype
+    tol = TOLERANCE[dtype]
+    assert rel_err(out, ref) <= tol and rel_err(lse, ref_lse) <= tol, (rel_err(out, ref), rel_err(lse, ref_lse))
 
 
 @pytest.mark.gpu
@@ -248,7 +276,7 @@ def _gpu_case(batch, sk, p, pool, sq=1, **kw):
 @pytest.mark.parametrize("p", [0, 16, 512])
 @pytest.mark.parametrize("path", ["fused", "cascade", None])
 def test_gpu_against_reference(batch, sk, p, path):
-    _run(_gpu_case(batch, sk, p, 0), torch.bfloat16, "cuda", path=path)
+    _gpu_run(batch, sk, p, path=path)
 
 
 @pytest.mark.gpu
@@ -256,25 +284,25 @@ def test_gpu_against_reference(batch, sk, p, path):
 @pytest.mark.parametrize("path", ["fused", "cascade", None])
 @pytest.mark.parametrize("sq", [1, 4])
 def test_gpu_pool_and_short_queries(batch, sk, p, path, sq):
-    _run(_gpu_case(batch, sk, p, 3, sq=sq, padding="left", noncontiguous=True), torch.bfloat16, "cuda", path=path)
+    _gpu_run(batch, sk, p, pool=3, sq=sq, path=path, padding=True, strided=True)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("head_dim", [64, 96, 256])
-def test_gpu_dtypes_and_head_dims(dtype, head_dim):
-    case = Case(batch=9, heads_q=32, heads_kv=8, seqlen_q=2, seqlen_k=777, head_dim=head_dim, prefix_len=40)
-    _run(case, dtype, "cuda")
-    _run(case, dtype, "cuda", path="cascade")
+@pytest.mark.parametrize("path", ["fused", "cascade"])
+def test_gpu_dtypes_and_head_dims(dtype, head_dim, path):
+    _gpu_run(9, 777, 40, sq=2, path=path, dtype=dtype, heads_q=32, heads_kv=8, head_dim=head_dim)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("pool", [0, 3])
 def test_gpu_cuda_graph_replay_with_new_inputs(pool):
     """A captured decode step replays on new q/k/v/prefix contents: no host sync, no stale launch data."""
-    case = _gpu_case(16, 600, 64, pool, sq=1)
-    (q, k, v, pk, pv), args = case.make(dtype=torch.bfloat16, device="cuda", requires_grad=False)
-    static = [t.clone() for t in (q, k, v, pk, pv)]
+    b, hq, hkv, sk, d, p = 16, 32, 8, 600, 128, 64
+    shapes = [(b, hq, 1, d), (b, hkv, sk, d), (b, hkv, sk, d)] + [((pool,) if pool else ()) + (hkv, p, d)] * 2
+    static = [torch.randn(s, device="cuda").bfloat16() for s in shapes]
+    args = {"prefix_index": torch.randint(-1, pool, (b,), device="cuda")} if pool else {}
     force = dict(path="cascade") if pool else {}
 
     def step():
@@ -290,11 +318,10 @@ def test_gpu_cuda_graph_replay_with_new_inputs(pool):
     with torch.cuda.graph(graph):
         out, lse = step()
     for _ in range(2):
-        (q, k, v, pk, pv), _ = case.make(dtype=torch.bfloat16, device="cuda", requires_grad=False)
+        for t in static:
+            t.copy_(torch.randn(t.shape, device="cuda"))
         if pool:
-            args["prefix_index"].copy_(torch.randint(-1, pool, args["prefix_index"].shape, device="cuda"))
-        for dst, src in zip(static, (q, k, v, pk, pv)):
-            dst.copy_(src)
+            args["prefix_index"].copy_(torch.randint(-1, pool, (b,), device="cuda"))
         graph.replay()
         ref, ref_lse = prefixattn.prefix_attention_reference(*(t.double() for t in static), return_lse=True, **args)
         assert rel_err(out, ref) <= GPU_TOL and rel_err(lse, ref_lse) <= GPU_TOL

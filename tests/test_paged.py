@@ -19,12 +19,13 @@ from prefixattn.paged import _paged_decode, paged_reference
 def make_paged(batch=3, heads_q=4, heads_kv=2, seqlen_q=1, head_dim=16, page_size=5, max_pages=6, num_pages=None,
                seq_lens=None, prefix_len=0, pool=0, lengths=False, interleaved=False, noncontiguous_q=False,
                device="cpu", seed=0):
-    """A random paged problem in float64: pages handed out in a shuffled order, unused table slots -1."""
-    g = torch.Generator().manual_seed(seed)
+    """A random paged problem in float64 on `device`: pages handed out in a shuffled order, unused table
+    slots -1. Drawn on the device itself, so GPU tests do not spend their time generating on the host."""
+    g = torch.Generator(device=device).manual_seed(seed)
     num_pages = num_pages or batch * max_pages + 3
 
     def rnd(*shape):
-        return torch.randn(*shape, generator=g, dtype=torch.float64)
+        return torch.randn(*shape, generator=g, dtype=torch.float64, device=device)
 
     if noncontiguous_q:
         q = rnd(batch, seqlen_q, heads_q, head_dim).transpose(1, 2)
@@ -37,10 +38,10 @@ def make_paged(batch=3, heads_q=4, heads_kv=2, seqlen_q=1, head_dim=16, page_siz
         k_cache, v_cache = rnd(num_pages, page_size, heads_kv, head_dim), rnd(num_pages, page_size, heads_kv, head_dim)
     capacity = max_pages * page_size
     if seq_lens is None:
-        seq_lens = torch.randint(1, capacity + 1, (batch,), generator=g)
-    seq_lens = torch.as_tensor(seq_lens, dtype=torch.int32)
-    perm = torch.randperm(num_pages, generator=g)[: batch * max_pages].view(batch, max_pages)
-    used = torch.arange(max_pages)[None, :] < ((seq_lens.long() + page_size - 1) // page_size)[:, None]
+        seq_lens = torch.randint(1, capacity + 1, (batch,), generator=g, device=device)
+    seq_lens = torch.as_tensor(seq_lens, dtype=torch.int32, device=device)
+    perm = torch.randperm(num_pages, generator=g, device=device)[: batch * max_pages].view(batch, max_pages)
+    used = torch.arange(max_pages, device=device)[None, :] < ((seq_lens.long() + page_size - 1) // page_size)[:, None]
     block_table = torch.where(used, perm, torch.full_like(perm, -1)).to(torch.int32)
     kw = {}
     pk = pv = None
@@ -48,13 +49,12 @@ def make_paged(batch=3, heads_q=4, heads_kv=2, seqlen_q=1, head_dim=16, page_siz
         shape = (pool, heads_kv, prefix_len, head_dim) if pool else (heads_kv, prefix_len, head_dim)
         pk, pv = rnd(*shape), rnd(*shape)
         if pool:
-            idx = torch.randint(-1, pool, (batch,), generator=g)
+            idx = torch.randint(-1, pool, (batch,), generator=g, device=device)
             idx[0] = 0
-            kw["prefix_index"] = idx.to(device)
+            kw["prefix_index"] = idx
             if lengths:
-                kw["prefix_lengths"] = torch.randint(0, prefix_len + 1, (pool,), generator=g).to(device)
-    to = (lambda t: None if t is None else t.to(device))
-    return (to(q), to(k_cache), to(v_cache), to(block_table), to(seq_lens), to(pk), to(pv)), kw
+                kw["prefix_lengths"] = torch.randint(0, prefix_len + 1, (pool,), generator=g, device=device)
+    return (q, k_cache, v_cache, block_table, seq_lens, pk, pv), kw
 
 
 def _check(inputs, kw, dtype, *, backend="triton", **force):

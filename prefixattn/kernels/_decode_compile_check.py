@@ -93,7 +93,8 @@ def main(quick: bool = False) -> int:
     from prefixattn.kernels.triton_decode import kernel_config
 
     variants = []
-    for dtype, hd in (("bf16", 128), ("fp16", 64), ("fp32", 128), ("bf16", 256), ("fp16", 96)):
+    for dtype, hd in (("bf16", 128), ("fp16", 64), ("fp32", 128), ("bf16", 256), ("fp16", 96), ("fp32", 256),
+                      ("fp16", 256), ("fp32", 16)):
         cfg = kernel_config(hd, {"bf16": __import__("torch").bfloat16, "fp16": __import__("torch").float16,
                                  "fp32": __import__("torch").float32}[dtype])
         variants.append((f"{dtype} D={hd} fused shared", cfg, dict(dtype=dtype, head_dim=hd, block_n=cfg.block_n)))

@@ -101,7 +101,8 @@ def kernel_config(head_dim: int, dtype: torch.dtype) -> Config:
     tile_bytes = 2 * block_d * elem  # K + V bytes per key
     block_n = 64 if tile_bytes * 64 <= 32 * 1024 else 32
     stages = 3 if tile_bytes * block_n <= 32 * 1024 else 2
-    return Config(block_n=block_n, num_warps=4, num_stages=stages)
+    # D = 256: a 64-row fp32 accumulator is 64 KB; 8 warps keep it at 64 registers a thread (no spills).
+    return Config(block_n=block_n, num_warps=8 if block_d > 128 else 4, num_stages=stages)
 
 
 def triton_next_pow2(n: int) -> int:
