@@ -5,8 +5,8 @@ paged_forward() plan the launch and run the kernels in _decode_kernels.py.
 
 Plan (shapes only, so a decode step is CUDA-graph capturable: no host sync, no value-dependent
 allocation or launch parameter):
-- split-K: one program per (sequence, KV head, M tile, split); the number of splits tops the grid up to
-  PROGRAMS_PER_SM programs per SM when B * Hkv alone cannot fill the GPU. With one split and no cascade
+- split-K: one program per (sequence, KV head, M tile, split); splits are added only when B * Hkv alone
+  cannot give every SM a program. With one split and no cascade
   the kernel writes the output directly (one launch); otherwise partials go to an fp32 workspace and a
   merge kernel reduces them.
 - the prefix: read as the first key range of every (sequence, KV head) program ("fused", the default),
@@ -29,19 +29,28 @@ MAX_QUERY_LEN = 16  # the decode path serves Sq <= 16 (decode, speculative verif
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256  # tl.dot needs K >= 16; 256 keeps the tiles within shared memory
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-# --- scheduling constants (H100/H200-class GPU; see NOTES.md "Decode kernels") ---
-PROGRAMS_PER_SM = 2  # resident decode programs per SM at BLOCK_N=64, D=128, 3 stages (~100 KB smem each)
+# --- scheduling constants (H100/H200-class GPU; see benchmarks/NOTES.md "Decode kernels") ---
+# Splitting stops once B * Hkv * m_tiles >= the SM count: each program keeps two 32 KB K/V stages in
+# flight, so one program per SM already covers HBM latency (measured, H200, B=32 Sk=2048: 256 programs
+# unsplit ~ SDPA's 63 us, while 2 splits + merge took 73 us). Below that, splits top the grid up to
+# SPLIT_PROGRAMS_PER_SM programs per SM (measured on par with SDPA at B=1, Sk=16K).
+SPLIT_PROGRAMS_PER_SM = 2
 MIN_BLOCKS_PER_SPLIT = 4  # a split streams at least 4 key blocks, so its partial write stays < 4% of its reads
 MAX_SPLITS = 64
 CASCADE_BLOCK_M = 64  # query rows per cascade program (rows of several sequences against one prefix tile)
 MAX_CASCADE_GROUPS = 64  # pool entries: the cascade grid holds one row of tiles per entry
 
-# --- cost model constants ---
-HBM_BYTES_PER_US = 0.85 * 4.28e6  # 85% of the measured H200 copy ceiling (4.28 TB/s), bytes per microsecond
-L2_BYTES_PER_US = 1.5 * HBM_BYTES_PER_US  # L2 -> SM read bandwidth, ~1.5x HBM on H100/H200 (public microbenchmarks)
-LAUNCH_US = 2.0  # one more kernel in the step (launch gap + ramp/tail), CUDA-graph replay
-TORCH_OP_US = 2.0  # one small torch op (the pool grouping: sort, arange, searchsorted)
-CASCADE_BLOCK_US = 0.5  # one 64x64 prefix tile step of a cascade program: 2 MFLOP on mma.sync + its loads
+# --- cost model constants, calibrated on the H200 (benchmarks/NOTES.md "Decode kernels") ---
+HBM_BYTES_PER_US = 4.2e6  # streaming K/V: measured 4.2-4.38 TB/s at B=128, Sk=2048 (copy ceiling 4.28)
+L2_REREAD_BYTES_PER_US = 8.2e6  # fused prefix re-reads through L2 add time at this rate: measured 6.4-8.9 TB/s
+LAUNCH_US = 2.0  # the merge kernel (launch gap + ramp/tail) inside a CUDA graph
+TORCH_OP_US = 7.5  # one op of the pool grouping (sort, arange, searchsorted): measured ~23 us for the three
+CASCADE_BLOCK_US = 1.0  # one 64-key prefix block of a cascade program (latency-bound: measured 0.9-1.1 us)
+# The cascade's fixed costs the model leaves out (its programs hold SM slots, every sequence program
+# writes partials) lost it the near-ties measured at B=8; like vLLM's gate it needs 8 sequences per
+# prefix entry and a predicted win of 5%.
+CASCADE_MIN_SEQUENCES = 8
+CASCADE_MARGIN = 0.95
 
 
 # Test / benchmark knobs. Production code never sets them; tests force each path and small splits.
@@ -122,11 +131,11 @@ def sm_count(device: torch.device) -> int:
 
 
 def choose_splits(base_programs: int, max_blocks: int, num_sms: int, min_blocks: int = MIN_BLOCKS_PER_SPLIT) -> int:
-    """Splits per (sequence, KV head, M tile): enough programs to keep PROGRAMS_PER_SM per SM busy,
-    each streaming at least min_blocks key blocks."""
-    target = PROGRAMS_PER_SM * num_sms
-    if base_programs >= target or max_blocks <= min_blocks:
+    """Splits per (sequence, KV head, M tile): none once the base grid covers every SM; otherwise enough
+    to give each SM SPLIT_PROGRAMS_PER_SM programs, each streaming at least min_blocks key blocks."""
+    if base_programs >= num_sms or max_blocks <= min_blocks:
         return 1
+    target = SPLIT_PROGRAMS_PER_SM * num_sms
     return max(1, min(math.ceil(target / base_programs), math.ceil(max_blocks / min_blocks), MAX_SPLITS))
 
 
@@ -138,43 +147,44 @@ class PathCost:
 
     @property
     def path(self) -> str:
-        return "cascade" if self.cascade_possible and self.cascade_us < self.fused_us else "fused"
+        return "cascade" if self.cascade_possible and self.cascade_us < CASCADE_MARGIN * self.fused_us else "fused"
 
 
 def prefix_path_cost(*, batch: int, heads_kv: int, group: int, seqlen_q: int, max_keys: int, head_dim: int,
                      prefix_len: int, pool_size: int, elem_size: int, num_sms: int) -> PathCost:
     """Predicted microseconds of the fused and the cascade path (kernels.md §5.4; vLLM's gate, §1.6).
 
-    Bytes, per K and V, with kv = Hkv * D * elem * 2 (both tensors) bytes per token:
-      sequence:      B * Sk * kv from HBM, in both paths;
-      prefix, HBM:   min(N, B) * P * kv once (the entries stay in L2 afterwards), both paths;
-      prefix, L2:    fused re-reads it for every sequence and M tile: B * m_tiles * P * kv through L2.
-    fused   = max(HBM bytes / HBM bandwidth, all L2->SM bytes / L2 bandwidth) (+ merge launch if split);
-    cascade = HBM bytes / HBM bandwidth + merge launch (+ the pool grouping's torch ops) + the exposed
-              part of the cascade programs: cdiv(P, 64) tile steps per program, waves over the SMs;
-              they share the launch with the sequence programs, so only their latency beyond the
-              sequence pass counts (taken as the full prefix loop when the grid is one wave or less).
+    kv = Hkv * D * elem * 2 bytes per token (K and V). Both paths stream the sequence once from HBM and
+    each used prefix entry once (it stays in L2 afterwards):
+        stream = (B * Sk + min(N, B) * P) * kv / HBM bandwidth
+    fused:   every (sequence, KV head, M tile) program re-reads the prefix from L2, which adds (measured
+             on the H200; it does not hide under the streaming):
+        fused   = stream + B * m_tiles * P * kv / L2 re-read rate  (+ merge launch when split)
+    cascade: the prefix programs run in the same launch as the sequence programs, each walking
+             cdiv(P, 64) blocks serially (latency-bound), then the merge; pools also pay for grouping
+             the sequences by entry (three small torch ops):
+        cascade = max(stream, waves * cdiv(P, 64) * block latency) + merge launch (+ 3 torch ops)
+    G * Sq > 64 rows (m_tiles > 1) re-reads the sequence too, equally in both paths. The fused path wins
+    for short prefixes and small batches (nothing to share, and no merge at B * Hkv >= #SMs); the cascade
+    wins once B * P is a sizeable fraction of B * Sk (e.g. B=128, Sk=256, P=512: 65 vs 35 us).
     """
     rows = group * seqlen_q
     block_m = min(64, max(16, triton_next_pow2(rows)))
     m_tiles = math.ceil(rows / block_m)
     kv = heads_kv * head_dim * elem_size * 2
     n_entries = min(pool_size, batch) if pool_size > 1 else 1
-    seq_bytes = batch * max_keys * kv
-    prefix_once = n_entries * prefix_len * kv
-    hbm_us = (seq_bytes + prefix_once) / HBM_BYTES_PER_US
-    l2_us = (batch * m_tiles * (max_keys + prefix_len) * kv) / L2_BYTES_PER_US
-    base = batch * heads_kv * m_tiles
-    blocks = math.ceil((max_keys + prefix_len) / 64)
-    fused_splits = choose_splits(base, blocks, num_sms)
-    fused_us = max(hbm_us, l2_us) + (LAUNCH_US if fused_splits > 1 else 0.0)
+    stream_us = (batch * max_keys + n_entries * prefix_len) * kv / HBM_BYTES_PER_US
+    retile_us = batch * (m_tiles - 1) * max_keys * kv / L2_REREAD_BYTES_PER_US
+    fused_splits = choose_splits(batch * heads_kv * m_tiles, math.ceil((max_keys + prefix_len) / 64), num_sms)
+    fused_us = (stream_us + retile_us + batch * m_tiles * prefix_len * kv / L2_REREAD_BYTES_PER_US
+                + (LAUNCH_US if fused_splits > 1 else 0.0))
 
-    cascade_possible = prefix_len > 0 and pool_size <= MAX_CASCADE_GROUPS
+    cascade_possible = (prefix_len > 0 and pool_size <= MAX_CASCADE_GROUPS
+                        and batch >= CASCADE_MIN_SEQUENCES * n_entries)
     tiles = math.ceil(batch * rows / CASCADE_BLOCK_M) + (n_entries - 1)  # tiles holding rows, all groups
-    waves = math.ceil(heads_kv * tiles / (PROGRAMS_PER_SM * num_sms))
+    waves = math.ceil(heads_kv * tiles / (SPLIT_PROGRAMS_PER_SM * num_sms))
     prefix_programs_us = waves * math.ceil(prefix_len / 64) * CASCADE_BLOCK_US
-    seq_only_us = max(seq_bytes / HBM_BYTES_PER_US, batch * m_tiles * max_keys * kv / L2_BYTES_PER_US)
-    cascade_us = (max(hbm_us, seq_only_us, prefix_programs_us) + LAUNCH_US
+    cascade_us = (max(stream_us + retile_us, prefix_programs_us) + LAUNCH_US
                   + (3 * TORCH_OP_US if pool_size > 1 else 0.0))
     return PathCost(fused_us=fused_us, cascade_us=cascade_us, cascade_possible=cascade_possible)
 
