@@ -8,7 +8,8 @@ USAGE = """usage: prefixattn <command> [options]
 
 commands:
   check   run every available backend on small problems against the float64 reference
-  bench   the attention microbenchmark (benchmarks/bench_attention.py; needs a GPU for real numbers)
+  bench   benchmarks: prefixattn bench [attention|decode|e2e|summary] [options] (attention by default;
+          real numbers need a GPU, --smoke runs tiny shapes on the CPU)
   demo    prefix-tune a small model end to end: train, eject, save, reload, generate
 """
 
@@ -21,6 +22,8 @@ def main(argv=None) -> int:
     command, rest = argv[0], argv[1:]
     if command == "check":
         from .check import main as run
+    elif command == "bench":
+        from .bench import run
     else:
         print(f"prefixattn: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2

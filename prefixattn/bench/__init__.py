@@ -1,0 +1,22 @@
+"""Benchmarks for prefixattn (the `prefixattn bench` command and benchmarks/*.py).
+
+Modules: timing (timing, input rotation, result records, progress), attention (training-shape attention
+against the DESIGN.md §5 baselines), decode (decode kernels against concat + SDPA), e2e (a 1.1B
+Llama-shaped model: training step and generation through transformers), summary (tables from saved JSON).
+Nothing is imported here, so `import prefixattn` never pays for the benchmarks.
+"""
+
+COMMANDS = ("attention", "decode", "e2e", "summary")
+
+
+def run(argv=None) -> int:
+    """Entry point for `prefixattn bench [attention|decode|e2e|summary] [options]` (default: attention)."""
+    import importlib
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    name = "attention"
+    if argv and argv[0] in COMMANDS:
+        name = argv.pop(0)
+    module = importlib.import_module(f"{__name__}.{name}")
+    return module.main(argv)
