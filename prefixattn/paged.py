@@ -186,7 +186,7 @@ def _cuda_module():
     return cuda_backend
 
 
-def _unsupported(name: str, problem: PagedProblem) -> Optional[str]:
+def _unsupported(name: str, problem: PagedProblem, q: Tensor, k_cache: Tensor) -> Optional[str]:
     """Why backend `name` cannot run this paged problem, or None."""
     if name == "torch":
         return None
@@ -205,23 +205,27 @@ def _unsupported(name: str, problem: PagedProblem) -> Optional[str]:
     if not hasattr(cuda, "paged_decode"):
         return "this build has no CUDA paged decode kernel (prefixattn.kernels.cuda_backend.paged_decode)"
     reason_fn = getattr(cuda, "unsupported_reason_paged", None)
-    return reason_fn(problem) if reason_fn is not None else None
+    return reason_fn(q, k_cache) if reason_fn is not None else None
 
 
-def choose_backend(requested: str, problem: PagedProblem) -> str:
-    """Resolve "auto"; refuse (never silently replace) an explicit backend that cannot run this call."""
+def choose_backend(requested: str, problem: PagedProblem, q: Tensor, k_cache: Tensor, block_table: Tensor,
+                   prefix_k: Optional[Tensor]) -> str:
+    """Resolve "auto"; refuse (never silently replace) an explicit backend that cannot run this call.
+
+    "auto" takes the CUDA kernels where cuda_backend.preferred_paged (its measured table) says they are
+    faster, else Triton on a GPU, else the reference."""
     if requested != "auto":
-        reason = _unsupported(requested, problem)
+        reason = _unsupported(requested, problem, q, k_cache)
         if reason is not None:
             raise ValueError(f"backend: {requested!r} cannot run this call: {reason}")
         return requested
     if problem.device.type != "cuda":
         return "torch"
-    if _unsupported("cuda", problem) is None:
+    if _unsupported("cuda", problem, q, k_cache) is None:
         preferred = getattr(_cuda_module(), "preferred_paged", None)
-        if preferred is None or preferred(problem):
+        if preferred is not None and preferred(q, k_cache, block_table, prefix_k):
             return "cuda"
-    if _unsupported("triton", problem) is None:
+    if _unsupported("triton", problem, q, k_cache) is None:
         return "triton"
     return "torch"
 
@@ -289,7 +293,7 @@ def prefix_attention_paged(
     problem = validate_paged(q, k_cache, v_cache, block_table, seq_lens, prefix_k, prefix_v,
                              prefix_index=prefix_index, prefix_lengths=prefix_lengths,
                              softmax_scale=softmax_scale, backend=backend, validate_values=validate_values)
-    chosen = choose_backend(backend, problem)
+    chosen = choose_backend(backend, problem, q, k_cache, block_table, prefix_k)
     if chosen == "torch":
         return paged_reference(q, k_cache, v_cache, block_table, seq_lens, prefix_k, prefix_v,
                                prefix_index=prefix_index, prefix_lengths=prefix_lengths,

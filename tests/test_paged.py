@@ -278,6 +278,50 @@ def test_cuda_backend_refuses_clearly_until_built():
         _call(backend="cuda")
 
 
+def test_cuda_backend_hooks_use_the_agreed_signatures(monkeypatch):
+    """backend="cuda" calls cuda_backend.paged_decode(q, k_cache, v_cache, block_table, seq_lens, prefix_k,
+    prefix_v, prefix_index, prefix_lengths, scale); "auto" asks unsupported_reason_paged(q, k_cache) and
+    preferred_paged(q, k_cache, block_table, prefix_k). A stand-in module checks the arguments."""
+    import types
+
+    import prefixattn.paged as paged
+
+    calls = []
+
+    def paged_decode(q, k_cache, v_cache, block_table, seq_lens, prefix_k, prefix_v, prefix_index, prefix_lengths,
+                     scale):
+        calls.append(("paged_decode", scale))
+        out, lse = paged_reference(q, k_cache, v_cache, block_table, seq_lens, prefix_k, prefix_v,
+                                   prefix_index=prefix_index, prefix_lengths=prefix_lengths, softmax_scale=scale,
+                                   return_lse=True)
+        return out.transpose(1, 2).contiguous().transpose(1, 2), lse
+
+    def unsupported_reason_paged(q, k_cache, *, needs_grad=False):
+        calls.append(("unsupported_reason_paged", tuple(q.shape), tuple(k_cache.shape)))
+        return None
+
+    def preferred_paged(q, k_cache, block_table, prefix_k=None):
+        calls.append(("preferred_paged", tuple(block_table.shape), None if prefix_k is None else tuple(prefix_k.shape)))
+        return True
+
+    fake = types.SimpleNamespace(paged_decode=paged_decode, unsupported_reason_paged=unsupported_reason_paged,
+                                 preferred_paged=preferred_paged)
+    monkeypatch.setattr(paged, "_cuda_module", lambda: fake)
+    inputs, kw = make_paged(batch=2, seqlen_q=2, page_size=4, max_pages=3, prefix_len=3, pool=2)
+    q, kc, vc, bt, sl, pk, pv = (t.float() if t.is_floating_point() else t for t in inputs)
+    out = prefix_attention_paged(q, kc, vc, bt, sl, pk, pv, softmax_scale=0.3, backend="cuda", **kw)
+    ref = paged_reference(q.double(), kc.double(), vc.double(), bt, sl, pk.double(), pv.double(), softmax_scale=0.3,
+                          **kw)
+    assert rel_err(out, ref) <= TOLERANCE[torch.float32]
+    assert ("paged_decode", 0.3) in calls and calls[0][0] == "unsupported_reason_paged"
+    problem = paged.validate_paged(q, kc, vc, bt, sl, pk, pv, **kw)
+    on_gpu = paged.PagedProblem(**{**problem.__dict__, "device": torch.device("cuda")})
+    calls.clear()
+    assert paged.choose_backend("auto", on_gpu, q, kc, bt, pk) == "cuda"
+    assert [c[0] for c in calls] == ["unsupported_reason_paged", "preferred_paged"]
+    assert calls[1][1:] == (tuple(bt.shape), tuple(pk.shape))
+
+
 # --- GPU ------------------------------------------------------------------------------------------------
 
 @pytest.mark.gpu
