@@ -6,12 +6,11 @@ paged_forward() plan the launch and run the kernels in _decode_kernels.py.
 Plan (shapes only, so a decode step is CUDA-graph capturable: no host sync, no value-dependent
 allocation or launch parameter):
 - split-K: one program per (sequence, KV head, M tile, split); splits are added only when B * Hkv alone
-  cannot give every SM a program. With one split and no cascade
-  the kernel writes the output directly (one launch); otherwise partials go to an fp32 workspace and a
-  merge kernel reduces them.
+  cannot give every SM a program. With one split and no cascade the kernel writes the output directly
+  (one launch); otherwise partials go to an fp32 workspace and a merge kernel reduces them.
 - the prefix: read as the first key range of every (sequence, KV head) program ("fused", the default),
-  or once per KV head for all sequences ("cascade") when choose_prefix_path's cost model says the
-  repeated prefix reads cost more than the cascade's extra work. See benchmarks/NOTES.md, "Decode kernels".
+  or once per KV head for all sequences ("cascade") where prefix_path_cost's model predicts the repeated
+  prefix reads cost more than the cascade's extra work. See benchmarks/NOTES.md, "Decode kernels".
 """
 
 from __future__ import annotations
@@ -104,7 +103,8 @@ class Config:
 
 
 def kernel_config(head_dim: int, dtype: torch.dtype) -> Config:
-    """Fixed table per (head dim, dtype): K and V tiles of BLOCK_N x D, 3-stage pipeline within ~100 KB."""
+    """Fixed table per (head dim, dtype): K and V tiles of BLOCK_N x D; 3 stages (2 for the big tiles)
+    keep shared memory at 22-140 KB (compile check), so 1-3 programs fit an SM."""
     block_d = max(16, triton_next_pow2(head_dim))
     elem = 4 if dtype == torch.float32 else 2
     tile_bytes = 2 * block_d * elem  # K + V bytes per key
