@@ -21,6 +21,7 @@ requires grad: it is what prefix tuning trains). Run: python benchmarks/bench_at
 from __future__ import annotations
 
 import argparse
+import tempfile
 import math
 import sys
 from dataclasses import dataclass
@@ -533,7 +534,7 @@ def parse_args(argv):
     p.add_argument("--skip-flex", action="store_true", help="skip the FlexAttention phase (slow to compile)")
     p.add_argument("--flex-all-p", action="store_true", help="FlexAttention at every P, not just 128")
     p.add_argument("--backend", default=None, help="prefixattn backend (default: triton on CUDA, torch on CPU)")
-    p.add_argument("--out", default="benchmarks/results", help="directory for attention.json and attention.png")
+    p.add_argument("--out", default=None, help="output directory (default: benchmarks/results; with --smoke a temporary directory, so CPU numbers never overwrite GPU results)")
     p.add_argument("--warmup-ms", type=float, default=25.0)
     p.add_argument("--rep-ms", type=float, default=100.0)
     p.add_argument("--budget-s", type=float, default=None, help="stop cleanly after this many seconds")
@@ -564,7 +565,7 @@ def main(argv=None) -> int:
         phases.remove("flex")
     est = QUICK_ESTIMATES if args.quick else ESTIMATES
     timing.print_estimates("attention", {p: est[p] for p in phases})
-    out_dir = Path(args.out)
+    out_dir = Path(args.out or (Path(tempfile.gettempdir()) / "prefixattn-smoke" if args.smoke else "benchmarks/results"))
     writer = ResultWriter(out_dir / "attention.json", timing.environment(device, argv))
     progress = Progress("attention")
     bench = Bench(args, device, dtype, writer, Deadline(args.budget_s), progress)

@@ -17,6 +17,7 @@ Bandwidth is counted on the bytes a shared prefix must read: (B*Sk + P) * Hkv * 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -288,7 +289,7 @@ def parse_args(argv):
     p.add_argument("--page-size", type=int, default=None)
     p.add_argument("--max-gb", type=float, default=80.0, help="skip (B, Sk) groups needing more device memory")
     p.add_argument("--no-graphs", action="store_true", help="time eager calls with events instead of graphs")
-    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--out", default=None, help="output directory (default: benchmarks/results; with --smoke a temporary directory, so CPU numbers never overwrite GPU results)")
     p.add_argument("--warmup-ms", type=float, default=10.0)
     p.add_argument("--rep-ms", type=float, default=60.0)
     p.add_argument("--budget-s", type=float, default=None)
@@ -317,7 +318,7 @@ def main(argv=None) -> int:
         print(f"--phases: unknown {sorted(set(phases) - set(PHASES))}; expected {','.join(PHASES)}", file=sys.stderr)
         return 2
     timing.print_estimates("decode", {p: (QUICK_ESTIMATES if args.quick else ESTIMATES)[p] for p in phases})
-    out_dir = Path(args.out)
+    out_dir = Path(args.out or (Path(tempfile.gettempdir()) / "prefixattn-smoke" if args.smoke else "benchmarks/results"))
     writer = ResultWriter(out_dir / "decode.json", timing.environment(device, argv))
     bench = Bench(args, cfg, device, dtype, writer, Deadline(args.budget_s), Progress("decode"))
     try:

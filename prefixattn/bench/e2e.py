@@ -24,6 +24,7 @@ import argparse
 import gc
 import inspect
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, replace
@@ -482,7 +483,7 @@ def parse_args(argv):
     p.add_argument("--gen-repeats", type=int, default=None)
     p.add_argument("--new-tokens", type=int, default=None)
     p.add_argument("--kv-budget-gb", type=float, default=None)
-    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--out", default=None, help="output directory (default: benchmarks/results; with --smoke a temporary directory, so CPU numbers never overwrite GPU results)")
     p.add_argument("--budget-s", type=float, default=None)
     p.add_argument("--smoke", action="store_true", help="a tiny Llama on the CPU, float32")
     p.add_argument("--device", default=None)
@@ -512,7 +513,7 @@ def main(argv=None) -> int:
         print(f"--phases: unknown {sorted(set(phases) - set(PHASES))}; expected {','.join(PHASES)}", file=sys.stderr)
         return 2
     timing.print_estimates("e2e", estimates(settings, phases))
-    out_dir = Path(args.out)
+    out_dir = Path(args.out or (Path(tempfile.gettempdir()) / "prefixattn-smoke" if args.smoke else "benchmarks/results"))
     writer = ResultWriter(out_dir / "e2e.json", timing.environment(device, argv))
     writer.add(dict(kind="e2e_settings", **{k: v for k, v in settings.__dict__.items()}))
     bench = Bench(args, settings, device, dtype, writer, Deadline(args.budget_s), Progress("e2e"))
