@@ -6,7 +6,7 @@ dPV = P^T dO. The natural grid (prefix blocks x KV heads) is a handful of progra
 
 1. `_prefix_partial_kernel`, grid (prefix blocks, Hkv, chunks): each program keeps fp32 dK/dV of its prefix
    block in registers over its item range and writes one partial per (chunk, entry) segment.
-2. `_prefix_reduce_kernel`, grid (prefix blocks, Hkv, N): sums, for each entry, the partials of the chunks that
+2. `_prefix_reduce_kernel`, grid (prefix row blocks, Hkv, N): sums, for each entry, the partials of the chunks that
    cover it, in chunk order.
 
 Pool form: sequences are ordered by entry with a device-side stable argsort (no host sync), so a chunk's range
@@ -137,10 +137,10 @@ def _prefix_reduce_kernel(
     stride_dpke, stride_dpkh, stride_dpkn,
     stride_dpve, stride_dpvh, stride_dpvn,
     batch, prefix_len, items_per_seq, n_chunks,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, POOLED: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, POOLED: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    pid_p = tl.program_id(0)
+    pid_r = tl.program_id(0)
     kvh = tl.program_id(1)
     e = tl.program_id(2)
     s0, n_items, per = _chunk_layout(SEG_START, batch, items_per_seq, n_chunks, POOLED)
@@ -153,12 +153,12 @@ def _prefix_reduce_kernel(
     c_lo = e_lo // per
     c_hi = tl.where(e_hi > e_lo, (tl.maximum(e_hi, 1) - 1) // per + 1, c_lo)  # chunks covering [e_lo, e_hi)
 
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_p = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_p[:, None] < prefix_len) & (offs_d[None, :] < HEAD_DIM)
     part = kvh * stride_part_h + offs_p[:, None] * HEAD_DIM + offs_d[None, :]
-    dk = tl.zeros([BLOCK_P, BLOCK_D], dtype=ACC)
-    dv = tl.zeros([BLOCK_P, BLOCK_D], dtype=ACC)
+    dk = tl.zeros([BLOCK_R, BLOCK_D], dtype=ACC)
+    dv = tl.zeros([BLOCK_R, BLOCK_D], dtype=ACC)
     for c in range(c_lo, c_hi):
         slot = tl.cast(c + e, tl.int64) * stride_part_slot
         dk += tl.load(PART_K + slot + part, mask=mask, other=0.0)
@@ -255,13 +255,15 @@ def prefix_grads(q, dout, lse2, delta, pre: PrefixArgs, scale: float, cfg: Kerne
         )
     view_k = dpk if pre.pooled else dpk.unsqueeze(0)
     view_v = dpv if pre.pooled else dpv.unsqueeze(0)
-    _prefix_reduce_kernel[(p.prefix_blocks, heads_kv, pre.pool_size)](
+    # A memory-bound sum: small row blocks keep the two accumulators at ~32 registers per thread.
+    block_r = min(64, max(16, (4096 if acc_dtype(q.dtype) == torch.float32 else 2048) // block_d))
+    _prefix_reduce_kernel[(triton.cdiv(prefix_len, block_r), heads_kv, pre.pool_size)](
         part_k, part_v, seg_start, seg_end, view_k, view_v,
         part_k.stride(0), part_k.stride(1),
         view_k.stride(0), view_k.stride(1), view_k.stride(2),
         view_v.stride(0), view_v.stride(1), view_v.stride(2),
         batch, prefix_len, items_per_seq, p.chunks,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_P=p.block_p, POOLED=pre.pooled, ACC=tl_acc(q.dtype),
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_R=block_r, POOLED=pre.pooled, ACC=tl_acc(q.dtype),
         num_warps=4,
     )
     del part_k, part_v  # a temporary: freed (returned to the caching allocator) before the caller continues
