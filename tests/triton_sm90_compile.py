@@ -5,7 +5,7 @@ warmup, and the cubin is inspected with the cuobjdump that ships with Triton (re
 shared memory, whether wgmma (HGMMA) was emitted). This catches what the interpreter cannot (constexpr/type
 rules of the compiler, tl.dot shape limits, register spills) before any GPU time is spent.
 
-Run as a script (TRITON_INTERPRET must be unset):  python tests/triton_sm90_compile.py [--json]
+Run as a script (TRITON_INTERPRET must be unset):  python tests/triton_sm90_compile.py [--json] [scenario ...]
 tests/test_triton_sm90_compile.py runs it in a subprocess.
 """
 
@@ -84,7 +84,7 @@ def _resources(kernel, cuobjdump):
     }
 
 
-def main() -> list:
+def main(only=None) -> list:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("0", ""):
         raise SystemExit("unset TRITON_INTERPRET: this script compiles for a real GPU target")
     sys.path.insert(0, ROOT)
@@ -109,6 +109,8 @@ def main() -> list:
 
     results = []
     for label, dtype_name, head_dim, overrides, causal, with_bias in SCENARIOS:
+        if only and label not in only:
+            continue
         dtype = getattr(torch, dtype_name)
         fields = dict(batch=2, heads_q=4, heads_kv=2, seqlen_q=256, seqlen_k=256, head_dim=head_dim, causal=causal)
         fields.update(overrides)
@@ -129,7 +131,7 @@ def main() -> list:
 
 
 if __name__ == "__main__":
-    rows = main()
+    rows = main([a for a in sys.argv[1:] if not a.startswith("--")])
     if "--json" in sys.argv:
         print(json.dumps(rows))
     else:
