@@ -187,15 +187,15 @@ def device_sm_count(device: torch.device) -> int:
 
 def plan(*, batch: int, heads_q: int, heads_kv: int, seq_q: int, prefix_len: int, pool_size: int,
          block_m: int, block_p: int, sm_count: int, chunks: Optional[int] = None) -> PrefixPlan:
-    """Chunk count ~ WAVES x SMs / (prefix blocks x Hkv), capped by MAX_CHUNKS and by the number of work items.
+    """Chunk count ~ WAVES x SMs / (prefix blocks x Hkv) (at least 1), capped by MAX_CHUNKS and the work items.
 
     The batch only enters through the item cap (min), so slots <= MAX_CHUNKS + N - 1 whatever the batch.
     """
     block_p = max(16, min(block_p, triton.next_power_of_2(prefix_len)))
     prefix_blocks = triton.cdiv(prefix_len, block_p)
     items = batch * (heads_q // heads_kv) * triton.cdiv(seq_q, block_m)
-    if chunks is None:
-        chunks = triton.cdiv(WAVES * sm_count, prefix_blocks * heads_kv)
+    if chunks is None:  # round down: a partly filled extra wave costs more than slightly larger chunks
+        chunks = (WAVES * sm_count) // (prefix_blocks * heads_kv)
     chunks = max(1, min(chunks, MAX_CHUNKS, items))
     return PrefixPlan(block_p, prefix_blocks, chunks, chunks + max(pool_size, 1) - 1)
 
