@@ -26,6 +26,7 @@ SCENARIOS = [
     ("bf16-d128-pool-pad-bias", "bfloat16", 128, dict(pool=3, lengths=True, padding="random", prefix_len=40), True, True),
     ("fp16-d64-noncausal-gqa", "float16", 64, dict(heads_q=8, heads_kv=2, prefix_len=16, seqlen_q=100), False, False),
     ("fp16-d256-causal", "float16", 256, dict(prefix_len=5), True, False),
+    ("bf16-d256-pad-bias", "bfloat16", 256, dict(prefix_len=77, padding="random"), True, True),
     ("bf16-d96-causal-pad", "bfloat16", 96, dict(prefix_len=33, padding="left"), True, False),
     ("fp16-d32-mqa", "float16", 32, dict(heads_q=4, heads_kv=1, prefix_len=1), True, False),
     ("fp32-d128-causal", "float32", 128, dict(prefix_len=20, pool=2), True, False),

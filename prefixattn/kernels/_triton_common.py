@@ -3,8 +3,9 @@
 Conventions used by every kernel:
 - scores are kept in base 2: s2 = (q.k) * scale * log2(e) (+ bias * log2(e)), so softmax uses exp2;
 - the log-sum-exp handed between kernels is natural log at the API and base 2 inside the backward;
-- masked scores are -inf (never a large finite value), and every exp2 subtracts a finite row statistic, so rows
-  with nothing to attend give exact zeros instead of NaN.
+- masked scores are -inf (never a large finite value); the forward subtracts a finite row maximum (0 for a row
+  that has seen only masked keys) and the backward a base-2 lse set to +inf for empty rows, so rows with
+  nothing to attend give exact zeros instead of NaN.
 """
 
 from __future__ import annotations
@@ -23,10 +24,7 @@ if triton_interpreting():
 
     _triton_interpreter.apply()
 
-LOG2E = 1.4426950408889634  # log2(e)
-LN2 = 0.6931471805599453  # ln(2)
-
-TL_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64}
+LOG2E = 1.4426950408889634  # log2(e); inside @triton.jit code the literal is written out (no globals there)
 
 
 def tl_acc(dtype: torch.dtype):
