@@ -44,7 +44,8 @@ def _attention_fwd_fake(q, k, v, prefix_k, prefix_v, prefix_index, prefix_length
     # Kernels write the output as [B, Sq, Hq, D] memory and return the [B, Hq, Sq, D] view, so the
     # transpose every transformers model does next is free.
     out = q.new_empty((b, sq, hq, d)).transpose(1, 2)
-    lse = q.new_empty((b, hq, sq), dtype=torch.float32)
+    # float32, or float64 for float64 inputs (as the reference; keeps float64 checks exact end to end).
+    lse = q.new_empty((b, hq, sq), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
     return out, lse
 
 

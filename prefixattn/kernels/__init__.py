@@ -8,7 +8,6 @@ it after importing prefixattn but before the first kernel call.
 
 from __future__ import annotations
 
-import importlib
 import os
 from types import ModuleType
 from typing import Optional
@@ -53,9 +52,17 @@ def triton_importable() -> bool:
 
 
 def get_backend(name: str) -> ModuleType:
-    if name not in _MODULES:
-        raise ValueError(f"backend: expected one of {sorted(_MODULES)}, got {name!r}")
-    return importlib.import_module(_MODULES[name], __name__)
+    # Plain import statements rather than importlib.import_module: torch.compile(fullgraph=True) traces
+    # through backend selection and refuses importlib (a graph break).
+    if name == "triton":
+        from . import triton_backend
+
+        return triton_backend
+    if name == "cuda":
+        from . import cuda_backend
+
+        return cuda_backend
+    raise ValueError(f"backend: expected one of {sorted(_MODULES)}, got {name!r}")
 
 
 def unsupported_reason(name: str, problem: Problem, *, needs_grad: bool) -> Optional[str]:

@@ -1,0 +1,151 @@
+"""Pieces shared by the Triton training kernels: tile loads, score masking, prefix lookup, host-side argument packing.
+
+Conventions used by every kernel:
+- scores are kept in base 2: s2 = (q.k) * scale * log2(e) (+ bias * log2(e)), so softmax uses exp2;
+- the log-sum-exp handed between kernels is natural log at the API and base 2 inside the backward;
+- masked scores are -inf (never a large finite value); the forward subtracts a finite row maximum (0 for a row
+  that has seen only masked keys) and the backward a base-2 lse set to +inf for empty rows, so rows with
+  nothing to attend give exact zeros instead of NaN.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import triton_interpreting
+
+if triton_interpreting():
+    from . import _triton_interpreter
+
+    _triton_interpreter.apply()
+
+LOG2E = 1.4426950408889634  # log2(e); inside @triton.jit code the literal is written out (no globals there)
+
+
+def tl_acc(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+@triton.jit
+def load_rows(ptrs, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_ROWS: tl.constexpr):
+    """Load a [rows, BLOCK_D] tile; rows >= n_rows (when MASK_ROWS) and the head-dim padding read as 0."""
+    if MASK_ROWS:
+        if HEAD_DIM == BLOCK_D:
+            x = tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+        else:
+            x = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    else:
+        if HEAD_DIM == BLOCK_D:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    return x
+
+
+@triton.jit
+def store_rows(ptrs, x, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    if HEAD_DIM == BLOCK_D:
+        tl.store(ptrs, x, mask=rows[:, None] < n_rows)
+    else:
+        tl.store(ptrs, x, mask=(rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def mask_sequence_scores(s, rows_q, cols_k, seq_q, seq_k, bias_base, stride_bias_q, stride_bias_k, pad_base,
+                         stride_pad_k, CAUSAL: tl.constexpr, BOUND: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         HAS_PAD: tl.constexpr):
+    """Base-2 scores of sequence keys with bias and masks applied (masked entries become -inf).
+
+    rows_q / cols_k are query / key indices already broadcast to the tile's orientation ([M, 1] and [1, N] for
+    a [queries, keys] tile, the transpose for a [keys, queries] tile). CAUSAL: bottom-right causal mask;
+    BOUND: keys >= seq_k. Padding is per key (True = real token).
+    """
+    if HAS_BIAS:
+        bias = tl.load(bias_base + rows_q * stride_bias_q + cols_k * stride_bias_k,
+                       mask=(rows_q < seq_q) & (cols_k < seq_k), other=0.0)
+        s += bias.to(s.dtype) * 1.4426950408889634
+    if CAUSAL:
+        s = tl.where(cols_k <= rows_q + (seq_k - seq_q), s, float("-inf"))
+    if BOUND:
+        s = tl.where(cols_k < seq_k, s, float("-inf"))
+    if HAS_PAD:
+        keep = tl.load(pad_base + cols_k * stride_pad_k, mask=cols_k < seq_k, other=0)
+        s = tl.where(keep != 0, s, float("-inf"))
+    return s
+
+
+@triton.jit
+def prefix_entry(PIDX, PLEN, b, P, POOLED: tl.constexpr, HAS_LENGTHS: tl.constexpr):
+    """(pool entry, valid prefix length) for sequence b; length 0 when it has no prefix (index -1)."""
+    if POOLED:
+        e = tl.load(PIDX + b).to(tl.int32)
+        if HAS_LENGTHS:
+            plen = tl.load(PLEN + tl.maximum(e, 0)).to(tl.int32)
+        else:
+            plen = P
+        plen = tl.where(e >= 0, plen, 0)
+        e = tl.maximum(e, 0)
+    else:
+        e = 0
+        if HAS_LENGTHS:
+            plen = tl.load(PLEN).to(tl.int32)
+        else:
+            plen = P
+    return e, plen
+
+
+@dataclass
+class PrefixArgs:
+    """Kernel-side view of the prefix: pointers (dummies when absent), strides and flags.
+
+    The shared form [Hkv, P, D] is entry 0 of a pool whose entry stride is 0, so both forms use one code path
+    and the shared prefix is read in place (no per-sequence copy, no batch stride).
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    index: torch.Tensor
+    lengths: torch.Tensor
+    stride_k: tuple  # (entry, head, position)
+    stride_v: tuple
+    length: int  # P
+    pool_size: int  # N (1 for the shared form, 0 without a prefix)
+    present: bool
+    pooled: bool
+    has_lengths: bool
+
+    @staticmethod
+    def build(prefix_k, prefix_v, prefix_index, prefix_lengths, dummy: torch.Tensor) -> "PrefixArgs":
+        if prefix_k is None or prefix_k.shape[-2] == 0:
+            return PrefixArgs(dummy, dummy, dummy, dummy, (0, 0, 0), (0, 0, 0), 0, 0, False, False, False)
+        pooled = prefix_k.dim() == 4
+
+        def strides(t):
+            return (t.stride(0), t.stride(1), t.stride(2)) if pooled else (0, t.stride(0), t.stride(1))
+
+        return PrefixArgs(
+            prefix_k, prefix_v,
+            prefix_index if pooled else dummy,
+            prefix_lengths if prefix_lengths is not None else dummy,
+            strides(prefix_k), strides(prefix_v), prefix_k.shape[-2],
+            prefix_k.shape[0] if pooled else 1, True, pooled, prefix_lengths is not None,
+        )
+
+
+def bias_strides(attn_bias: Optional[torch.Tensor], shape) -> tuple:
+    """Strides of attn_bias broadcast to [B, Hq, Sq, Sk] (0 on broadcast dims); zeros when absent."""
+    if attn_bias is None:
+        return (0, 0, 0, 0)
+    return attn_bias.expand(*shape).stride()
+
+
+def padding_args(key_padding_mask: Optional[torch.Tensor], dummy: torch.Tensor):
+    """(uint8 view of the [B, Sk] mask, stride_b, stride_k): a zero-copy reinterpretation of the bools."""
+    if key_padding_mask is None:
+        return dummy, 0, 0
+    return key_padding_mask.view(torch.uint8), key_padding_mask.stride(0), key_padding_mask.stride(1)

@@ -1,0 +1,349 @@
+"""Triton backward kernels for prefix attention (training).
+
+Four launches, all deterministic (no atomics):
+1. `_bwd_preprocess_kernel`: delta_i = rowsum(dO_i * O_i) - dlse_i (the gradient through the returned lse folds
+   into delta, as in FA4) and lse2_i = lse_i * log2(e), with empty rows (lse = -inf) mapped to delta = 0 and
+   lse2 = +inf so every probability recomputed for them is exactly 0.
+2. `_bwd_dq_kernel`: per query tile, recompute P = exp2(s2 - lse2) over the prefix tiles then the visible
+   sequence tiles (same tile schedule as the forward), dS = P * (dP - delta), dQ = scale * dS K.
+3. `_bwd_dkdv_kernel`: per sequence-key tile, dK/dV in registers over the G query heads of its KV head and the
+   query tiles that can see it (causal: from the diagonal on, masking only the band).
+4. Prefix dK/dV: see _triton_prefix_bwd (chunked partials + fixed-order reduction, batch-bounded memory).
+The prefix gradient is not fused into the dq pass: the dq programs would each need all P prefix rows of dK/dV
+in registers or atomics to combine them, and the brief asks for determinism with bounded extra memory.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _triton_prefix_bwd
+from ._triton_common import (LOG2E, PrefixArgs, bias_strides, load_rows, mask_sequence_scores, padding_args,
+                             prefix_entry, store_rows, tl_acc)
+from ._triton_config import KernelConfig, acc_dtype, config_for, dot_precision, head_dim_block
+
+_PREPROCESS_BLOCK_M = 64
+
+
+@triton.jit
+def _bwd_preprocess_kernel(
+    OUT, DOUT, DLSE, LSE, DELTA, LSE2,
+    stride_ob, stride_oh, stride_om,
+    stride_dob, stride_doh, stride_dom,
+    stride_dlb, stride_dlh, stride_dlm,
+    stride_lb, stride_lh, stride_lm,
+    heads_q, seq_q,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, HAS_DLSE: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // heads_q).to(tl.int64)
+    h = (pid_bh % heads_q).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    o = load_rows(OUT + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + offs_d[None, :],
+                  rows, seq_q, offs_d, HEAD_DIM, BLOCK_D, True).to(ACC)
+    do = load_rows(DOUT + b * stride_dob + h * stride_doh + rows[:, None] * stride_dom + offs_d[None, :],
+                   rows, seq_q, offs_d, HEAD_DIM, BLOCK_D, True).to(ACC)
+    delta = tl.sum(o * do, 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + b * stride_dlb + h * stride_dlh + rows * stride_dlm, mask=rows < seq_q,
+                         other=0.0).to(ACC)
+    lse = tl.load(LSE + b * stride_lb + h * stride_lh + rows * stride_lm, mask=rows < seq_q, other=0.0).to(ACC)
+    empty = lse == float("-inf")
+    stat = pid_bh.to(tl.int64) * seq_q + rows
+    tl.store(DELTA + stat, tl.where(empty, 0.0, delta), mask=rows < seq_q)
+    tl.store(LSE2 + stat, tl.where(empty, float("inf"), lse * 1.4426950408889634), mask=rows < seq_q)
+
+
+@triton.jit
+def _dq_step(dq, q, do, lse2, delta, k_ptrs, v_ptrs, cols, n_valid, offs_m, offs_d, qk_scale, seq_q, seq_k,
+             bias_base, stride_bias_m, stride_bias_n, pad_base, stride_pad_n,
+             SEQUENCE: tl.constexpr, BOUND: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+             HAS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
+    k = load_rows(k_ptrs, cols, n_valid, offs_d, HEAD_DIM, BLOCK_D, BOUND)
+    v = load_rows(v_ptrs, cols, n_valid, offs_d, HEAD_DIM, BLOCK_D, BOUND)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+    if SEQUENCE:
+        s = mask_sequence_scores(s, offs_m[:, None], cols[None, :], seq_q, seq_k, bias_base, stride_bias_m,
+                                 stride_bias_n, pad_base, stride_pad_n, CAUSAL, BOUND, HAS_BIAS, HAS_PAD)
+    elif BOUND:
+        s = tl.where(cols[None, :] < n_valid, s, float("-inf"))
+    p = tl.exp2(s - lse2[:, None])
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+    ds = p * (dp - delta[:, None])
+    dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+    return dq
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, PK, PV, PIDX, PLEN, PAD, BIAS, DOUT, LSE2, DELTA, DQ,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_pke, stride_pkh, stride_pkn,
+    stride_pve, stride_pvh, stride_pvn,
+    stride_padb, stride_padn,
+    stride_bb, stride_bh, stride_bm, stride_bn,
+    stride_dob, stride_doh, stride_dom,
+    stride_dqb, stride_dqh, stride_dqm,
+    heads_q, group, seq_q, seq_k, prefix_len, qk_scale, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, POOLED: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    HAS_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    if CAUSAL:
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    pid_bh = tl.program_id(1)
+    b = pid_bh // heads_q
+    h = pid_bh % heads_q
+    kvh = (h // group).to(tl.int64)
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = load_rows(Q + b64 * stride_qb + h64 * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                  offs_m, seq_q, offs_d, HEAD_DIM, BLOCK_D, True)
+    do = load_rows(DOUT + b64 * stride_dob + h64 * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
+                   offs_m, seq_q, offs_d, HEAD_DIM, BLOCK_D, True)
+    stat = pid_bh.to(tl.int64) * seq_q + offs_m
+    lse2 = tl.load(LSE2 + stat, mask=offs_m < seq_q, other=float("inf"))
+    delta = tl.load(DELTA + stat, mask=offs_m < seq_q, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
+
+    if HAS_PREFIX:
+        e, plen = prefix_entry(PIDX, PLEN, b, prefix_len, POOLED, HAS_LENGTHS)
+        e64 = tl.cast(e, tl.int64)
+        pk_ptrs = PK + e64 * stride_pke + kvh * stride_pkh + offs_n[:, None] * stride_pkn + offs_d[None, :]
+        pv_ptrs = PV + e64 * stride_pve + kvh * stride_pvh + offs_n[:, None] * stride_pvn + offs_d[None, :]
+        full_end = (plen // BLOCK_N) * BLOCK_N
+        for start in range(0, full_end, BLOCK_N):
+            dq = _dq_step(dq, q, do, lse2, delta, pk_ptrs + start * stride_pkn, pv_ptrs + start * stride_pvn,
+                          start + offs_n, plen, offs_m, offs_d, qk_scale, seq_q, seq_k, BIAS, 0, 0, PAD, 0,
+                          False, False, False, False, False, HEAD_DIM, BLOCK_D, DOT_PREC)
+        for start in range(full_end, plen, BLOCK_N):
+            dq = _dq_step(dq, q, do, lse2, delta, pk_ptrs + start * stride_pkn, pv_ptrs + start * stride_pvn,
+                          start + offs_n, plen, offs_m, offs_d, qk_scale, seq_q, seq_k, BIAS, 0, 0, PAD, 0,
+                          False, True, False, False, False, HEAD_DIM, BLOCK_D, DOT_PREC)
+
+    k_ptrs = K + b64 * stride_kb + kvh * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :]
+    v_ptrs = V + b64 * stride_vb + kvh * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :]
+    bias_base = BIAS + b64 * stride_bb + h64 * stride_bh
+    pad_base = PAD + b64 * stride_padb
+    if CAUSAL:
+        hi = tl.minimum(seq_k, m0 + BLOCK_M + seq_k - seq_q)
+        full_end = ((m0 + seq_k - seq_q + 1) // BLOCK_N) * BLOCK_N
+    else:
+        hi = seq_k
+        full_end = (seq_k // BLOCK_N) * BLOCK_N
+    for start in range(0, full_end, BLOCK_N):
+        dq = _dq_step(dq, q, do, lse2, delta, k_ptrs + start * stride_kn, v_ptrs + start * stride_vn,
+                      start + offs_n, seq_k, offs_m, offs_d, qk_scale, seq_q, seq_k, bias_base, stride_bm, stride_bn,
+                      pad_base, stride_padn, True, False, False, HAS_BIAS, HAS_PAD, HEAD_DIM, BLOCK_D, DOT_PREC)
+    for start in range(full_end, hi, BLOCK_N):
+        dq = _dq_step(dq, q, do, lse2, delta, k_ptrs + start * stride_kn, v_ptrs + start * stride_vn,
+                      start + offs_n, seq_k, offs_m, offs_d, qk_scale, seq_q, seq_k, bias_base, stride_bm, stride_bn,
+                      pad_base, stride_padn, True, True, CAUSAL, HAS_BIAS, HAS_PAD, HEAD_DIM, BLOCK_D, DOT_PREC)
+
+    dq = dq * scale
+    store_rows(DQ + b64 * stride_dqb + h64 * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
+               dq.to(DQ.dtype.element_ty), offs_m, seq_q, offs_d, HEAD_DIM, BLOCK_D)
+
+
+@triton.jit
+def _dkdv_step(dk, dv, k, v, q_ptrs, do_ptrs, stat_ptrs, delta_ptrs, rows, offs_n, offs_d, qk_scale, seq_q, seq_k,
+               bias_base, stride_bias_m, stride_bias_n,
+               CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               DOT_PREC: tl.constexpr):
+    """Add one query tile's contribution to the resident key tile's dK/dV (computed transposed: [keys, queries])."""
+    q = load_rows(q_ptrs, rows, seq_q, offs_d, HEAD_DIM, BLOCK_D, True)
+    do = load_rows(do_ptrs, rows, seq_q, offs_d, HEAD_DIM, BLOCK_D, True)
+    lse2 = tl.load(stat_ptrs, mask=rows < seq_q, other=float("inf"))
+    delta = tl.load(delta_ptrs, mask=rows < seq_q, other=0.0)
+    s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
+    # Keys past seq_k and padded keys are not masked here: their rows of dK/dV are discarded or zeroed at the end.
+    s_t = mask_sequence_scores(s_t, rows[None, :], offs_n[:, None], seq_q, seq_k, bias_base, stride_bias_m,
+                               stride_bias_n, bias_base, 0, CAUSAL, False, HAS_BIAS, False)
+    p_t = tl.exp2(s_t - lse2[None, :])
+    dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, PAD, BIAS, DOUT, LSE2, DELTA, DK, DV,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_padb, stride_padn,
+    stride_bb, stride_bh, stride_bm, stride_bn,
+    stride_dob, stride_doh, stride_dom,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    heads_q, heads_kv, group, seq_q, seq_k, qk_scale, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b64 = (pid_bh // heads_kv).to(tl.int64)
+    kvh = pid_bh % heads_kv
+
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    k = load_rows(K + b64 * stride_kb + kvh.to(tl.int64) * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+                  offs_n, seq_k, offs_d, HEAD_DIM, BLOCK_D, True)
+    v = load_rows(V + b64 * stride_vb + kvh.to(tl.int64) * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
+                  offs_n, seq_k, offs_d, HEAD_DIM, BLOCK_D, True)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
+
+    if CAUSAL:
+        # Query i sees key j iff i >= j - (seq_k - seq_q). Tiles before m_lo see no key of this tile; tiles from
+        # m_full on see all of them; [m_lo, m_full) is the band that needs the causal mask.
+        shift = seq_k - seq_q
+        m_lo = (tl.maximum(n0 - shift, 0) // BLOCK_M) * BLOCK_M
+        m_full = tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - shift, 0), BLOCK_M) * BLOCK_M
+        m_full = tl.minimum(tl.maximum(m_full, m_lo), tl.cdiv(seq_q, BLOCK_M) * BLOCK_M)
+    else:
+        m_lo = 0
+        m_full = 0
+    for g in range(0, group):
+        h64 = (kvh * group + g).to(tl.int64)
+        q_ptrs = Q + b64 * stride_qb + h64 * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
+        do_ptrs = DOUT + b64 * stride_dob + h64 * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :]
+        stat_base = (b64 * heads_q + h64) * seq_q
+        bias_base = BIAS + b64 * stride_bb + h64 * stride_bh
+        for start in range(m_lo, m_full, BLOCK_M):
+            dk, dv = _dkdv_step(dk, dv, k, v, q_ptrs + start * stride_qm, do_ptrs + start * stride_dom,
+                                LSE2 + stat_base + start + offs_m, DELTA + stat_base + start + offs_m,
+                                start + offs_m, offs_n, offs_d, qk_scale, seq_q, seq_k, bias_base, stride_bm,
+                                stride_bn, True, HAS_BIAS, HEAD_DIM, BLOCK_D, DOT_PREC)
+        for start in range(m_full, seq_q, BLOCK_M):
+            dk, dv = _dkdv_step(dk, dv, k, v, q_ptrs + start * stride_qm, do_ptrs + start * stride_dom,
+                                LSE2 + stat_base + start + offs_m, DELTA + stat_base + start + offs_m,
+                                start + offs_m, offs_n, offs_d, qk_scale, seq_q, seq_k, bias_base, stride_bm,
+                                stride_bn, False, HAS_BIAS, HEAD_DIM, BLOCK_D, DOT_PREC)
+
+    dk = dk * scale
+    if HAS_PAD:  # a padded key is invisible to every query: its gradient is exactly 0
+        keep = tl.load(PAD + b64 * stride_padb + offs_n * stride_padn, mask=offs_n < seq_k, other=0)
+        dk = tl.where(keep[:, None] != 0, dk, 0.0)
+        dv = tl.where(keep[:, None] != 0, dv, 0.0)
+    store_rows(DK + b64 * stride_dkb + kvh.to(tl.int64) * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
+               dk.to(DK.dtype.element_ty), offs_n, seq_k, offs_d, HEAD_DIM, BLOCK_D)
+    store_rows(DV + b64 * stride_dvb + kvh.to(tl.int64) * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
+               dv.to(DV.dtype.element_ty), offs_n, seq_k, offs_d, HEAD_DIM, BLOCK_D)
+
+
+def configs_for(head_dim: int, dtype: torch.dtype) -> Dict[str, KernelConfig]:
+    """The backward launch configurations used for this head dim and dtype (for benchmark reports)."""
+    return {name: config_for(name, head_dim, dtype) for name in ("bwd_dq", "bwd_dkdv", "bwd_prefix")}
+
+
+def backward(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, attn_bias,
+             out, lse, causal: bool, scale: float, *, configs: Optional[Dict[str, KernelConfig]] = None,
+             prefix_chunks: Optional[int] = None):
+    """(dq, dk, dv, dprefix_k, dprefix_v); gradients have the layouts of their inputs (torch.empty_like);
+    dprefix_* are None without a prefix. prefix_chunks overrides the prefix-gradient chunk count (tests)."""
+    batch, heads_q, seq_q, head_dim = q.shape
+    heads_kv, seq_k = k.shape[1], k.shape[2]
+    group = heads_q // heads_kv
+    cfgs = configs_for(head_dim, q.dtype)
+    cfgs.update(configs or {})
+    block_d = head_dim_block(head_dim)
+    acc = tl_acc(q.dtype)
+    prec = dot_precision(q.dtype)
+    qk_scale = scale * LOG2E
+
+    pre = PrefixArgs.build(prefix_k, prefix_v, prefix_index, prefix_lengths, q)
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    if batch == 0 or heads_q == 0:
+        dpk, dpv = (torch.zeros_like(prefix_k), torch.zeros_like(prefix_v)) if prefix_k is not None else (None, None)
+        return dq, dk, dv, dpk, dpv
+
+    # 1. delta and base-2 lse, [B, Hq, Sq] in the accumulation dtype.
+    delta = torch.empty((batch, heads_q, seq_q), dtype=acc_dtype(q.dtype), device=q.device)
+    lse2 = torch.empty_like(delta)
+    dlse_t = dlse if dlse is not None else lse
+    if seq_q > 0:
+        _bwd_preprocess_kernel[(triton.cdiv(seq_q, _PREPROCESS_BLOCK_M), batch * heads_q)](
+            out, dout, dlse_t, lse, delta, lse2,
+            out.stride(0), out.stride(1), out.stride(2),
+            dout.stride(0), dout.stride(1), dout.stride(2),
+            dlse_t.stride(0), dlse_t.stride(1), dlse_t.stride(2),
+            lse.stride(0), lse.stride(1), lse.stride(2),
+            heads_q, seq_q,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=_PREPROCESS_BLOCK_M, HAS_DLSE=dlse is not None, ACC=acc,
+            num_warps=4,
+        )
+
+    pad, stride_padb, stride_padn = padding_args(key_padding_mask, q)
+    bias = attn_bias if attn_bias is not None else q
+    sbb, sbh, sbm, sbn = bias_strides(attn_bias, (batch, heads_q, seq_q, seq_k))
+
+    # 2. dQ over prefix and sequence keys.
+    cfg = cfgs["bwd_dq"]
+    if seq_q > 0:
+        _bwd_dq_kernel[(triton.cdiv(seq_q, cfg.block_m), batch * heads_q)](
+            q, k, v, pre.k, pre.v, pre.index, pre.lengths, pad, bias, dout, lse2, delta, dq,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            *pre.stride_k, *pre.stride_v,
+            stride_padb, stride_padn,
+            sbb, sbh, sbm, sbn,
+            dout.stride(0), dout.stride(1), dout.stride(2),
+            dq.stride(0), dq.stride(1), dq.stride(2),
+            heads_q, group, seq_q, seq_k, pre.length, qk_scale, scale,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            CAUSAL=causal, HAS_PREFIX=pre.present, POOLED=pre.pooled, HAS_LENGTHS=pre.has_lengths,
+            HAS_PAD=key_padding_mask is not None, HAS_BIAS=attn_bias is not None, ACC=acc, DOT_PREC=prec,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+
+    # 3. dK, dV of the sequence keys.
+    cfg = cfgs["bwd_dkdv"]
+    if seq_k > 0:
+        _bwd_dkdv_kernel[(triton.cdiv(seq_k, cfg.block_n), batch * heads_kv)](
+            q, k, v, pad, bias, dout, lse2, delta, dk, dv,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            stride_padb, stride_padn,
+            sbb, sbh, sbm, sbn,
+            dout.stride(0), dout.stride(1), dout.stride(2),
+            dk.stride(0), dk.stride(1), dk.stride(2),
+            dv.stride(0), dv.stride(1), dv.stride(2),
+            heads_q, heads_kv, group, seq_q, seq_k, qk_scale, scale,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            CAUSAL=causal, HAS_PAD=key_padding_mask is not None, HAS_BIAS=attn_bias is not None, ACC=acc,
+            DOT_PREC=prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+
+    # 4. dK, dV of the prefix.
+    if prefix_k is None:
+        return dq, dk, dv, None, None
+    if not pre.present:  # P = 0: an empty gradient of the right shape
+        return dq, dk, dv, torch.zeros_like(prefix_k), torch.zeros_like(prefix_v)
+    dpk, dpv = _triton_prefix_bwd.prefix_grads(q, dout, lse2, delta, pre, scale, cfgs["bwd_prefix"],
+                                               chunks=prefix_chunks)
+    return dq, dk, dv, dpk, dpv
