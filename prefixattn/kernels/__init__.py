@@ -21,28 +21,6 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
-def patch_interpreter_scalars() -> None:
-    """Let Triton's interpreter use scalar tensors as Python ints (loop bounds: `range(lo, hi)`).
-
-    triton 3.6's interpreter keeps scalars as 1-element arrays and converts them with int(array), which
-    numpy >= 2.3 refuses ("only 0-dimensional arrays can be converted"), so any loop whose bounds come
-    from program_id or a loaded value fails. Compiled kernels are unaffected; call this before running a
-    kernel under TRITON_INTERPRET=1. Idempotent.
-    """
-    from triton.runtime import interpreter
-
-    original = interpreter._patch_lang_tensor
-    if getattr(original, "_prefixattn_scalars", False):
-        return
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    patched._prefixattn_scalars = True
-    interpreter._patch_lang_tensor = patched
-
-
 def triton_importable() -> bool:
     try:
         import triton  # noqa: F401

@@ -24,10 +24,12 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from . import patch_interpreter_scalars, triton_interpreting
+from . import triton_interpreting
 
 if triton_interpreting():
-    patch_interpreter_scalars()
+    from . import _triton_interpreter
+
+    _triton_interpreter.apply()
 
 LN2 = tl.constexpr(0.6931471805599453)  # jit code may only read constexpr globals
 
