@@ -2,7 +2,8 @@
 
 B=4, H=32, S=2048, D=128, bf16, causal, P in {16, 128, 512}; forward and forward+backward, kernels called
 directly (no op-layer overhead), against cuDNN SDPA with no prefix on the same GPU (the floor). Also times
-alternative configs per kernel (one kernel changed at a time) so the table in
+alternative configs per kernel (one kernel changed at a time), and the opt-in deterministic=False backward
+(dQ by fp32 atomics, its own dK/dV config "bwd_dkdv_fused"), so the table in
 prefixattn/kernels/_triton_config.py can be corrected from one run. Compile time is ~1-2 s per variant.
 
     python benchmarks/triton_training_configs.py [--quick] [--json results.json]
@@ -23,6 +24,8 @@ CANDIDATES = {  # (block_m, block_n, num_warps, num_stages); the first of each l
     "bwd_dq": [(128, 128, 8, 2), (64, 64, 4, 2)],
     "bwd_dkdv": [(64, 128, 8, 2), (64, 64, 4, 2)],
     "bwd_prefix": [(64, 128, 8, 2), (64, 64, 4, 2)],
+    # deterministic=False only (timed with it): 32 queries per step spills 48 B at D=128, 64 keys halves N
+    "bwd_dkdv_fused": [(32, 128, 8, 2), (32, 64, 8, 2)],
 }
 
 
@@ -50,7 +53,7 @@ def make(batch, heads, seq, prefix, dim, dtype, device):
     return q, k, v, pk, pv
 
 
-def time_prefixattn(batch, heads, seq, prefix, dim, dtype, device, overrides=None):
+def time_prefixattn(batch, heads, seq, prefix, dim, dtype, device, overrides=None, deterministic=True):
     from prefixattn.kernels import _triton_config, triton_bwd, triton_fwd
 
     _triton_config.OVERRIDES.clear()
@@ -67,7 +70,8 @@ def time_prefixattn(batch, heads, seq, prefix, dim, dtype, device, overrides=Non
 
         def fwd_bwd():
             o, l = triton_fwd.forward(q, k, v, pk, pv, *args)
-            triton_bwd.backward(dout, None, q, k, v, pk, pv, None, None, None, None, o, l, True, scale)
+            triton_bwd.backward(dout, None, q, k, v, pk, pv, None, None, None, None, o, l, True, scale,
+                                deterministic=deterministic)
 
         t0 = time.perf_counter()
         fwd_bwd()  # compile
@@ -122,19 +126,22 @@ def main(argv=None):
     for P in ([128] if args.quick else [16, 128, 512]):
         fl = flops(B, H, S, P, D)
         scale = 1 + 2 * P / S
-        variants = [("default", None)]
+        # deterministic=False: the fused-dQ backward (fp32 atomics), opt-in via prefix_attention(deterministic=False)
+        variants = [("default", None, True), ("deterministic=False", None, False)]
         if not args.quick and P == 128:
-            variants += [(f"{name}={cfg}", {name: cfg}) for name, cfgs in CANDIDATES.items() for cfg in cfgs]
-        for label, ovr in variants:
+            variants += [(f"{name}={cfg}", {name: cfg}, name != "bwd_dkdv_fused")
+                         for name, cfgs in CANDIDATES.items() for cfg in cfgs]
+        for label, ovr, deterministic in variants:
             from prefixattn.kernels._triton_config import KernelConfig
 
             overrides = {k: KernelConfig(*c) for k, c in (ovr or {}).items()}
             try:
-                t_f, t_fb, comp = time_prefixattn(B, H, S, P, D, dtype, device, overrides)
+                t_f, t_fb, comp = time_prefixattn(B, H, S, P, D, dtype, device, overrides, deterministic)
             except Exception as e:  # a candidate that does not fit (shared memory) is reported, not fatal
                 print(f"{P:>4} {label:<28} failed: {type(e).__name__}: {str(e)[:80]}")
                 continue
-            row = dict(P=P, variant=label, fwd_ms=t_f, fwd_bwd_ms=t_fb, fwd_tflops=fl / t_f / 1e9,
+            row = dict(P=P, variant=label, deterministic=deterministic, fwd_ms=t_f, fwd_bwd_ms=t_fb,
+                       fwd_tflops=fl / t_f / 1e9,
                        fwd_bwd_tflops=3.5 * fl / t_fb / 1e9, target_fwd_ms=1.2 * floor_f * scale,
                        target_fwd_bwd_ms=1.3 * floor_fb * scale, compile_s=comp)
             rows.append(row)

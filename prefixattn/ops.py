@@ -30,7 +30,9 @@ def _attention_fwd(
     causal: bool,
     scale: float,
     backend: str,
+    deterministic: bool,
 ) -> tuple[Tensor, Tensor]:
+    # deterministic only matters to the backward; it is an input here so that autograd's context sees it.
     impl = kernels.get_backend(backend)
     return impl.forward(
         q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, attn_bias, causal, scale
@@ -39,7 +41,7 @@ def _attention_fwd(
 
 @_attention_fwd.register_fake
 def _attention_fwd_fake(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, attn_bias,
-                        causal, scale, backend):
+                        causal, scale, backend, deterministic):
     b, hq, sq, d = q.shape
     # Kernels write the output as [B, Sq, Hq, D] memory and return the [B, Hq, Sq, D] view, so the
     # transpose every transformers model does next is free.
@@ -67,11 +69,12 @@ def _attention_bwd(
     causal: bool,
     scale: float,
     backend: str,
+    deterministic: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     impl = kernels.get_backend(backend)
     dq, dk, dv, dpk, dpv = impl.backward(
         dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, attn_bias,
-        out, lse, causal, scale,
+        out, lse, causal, scale, deterministic=deterministic,
     )
     if dpk is None:  # custom ops cannot return None
         dpk, dpv = q.new_empty(0), q.new_empty(0)
@@ -80,7 +83,7 @@ def _attention_bwd(
 
 @_attention_bwd.register_fake
 def _attention_bwd_fake(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask,
-                        attn_bias, out, lse, causal, scale, backend):
+                        attn_bias, out, lse, causal, scale, backend, deterministic):
     dpk = torch.empty_like(prefix_k) if prefix_k is not None else q.new_empty(0)
     dpv = torch.empty_like(prefix_v) if prefix_v is not None else q.new_empty(0)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dpk, dpv
@@ -88,11 +91,11 @@ def _attention_bwd_fake(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, p
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, attn_bias, causal, scale,
-     backend) = inputs
+     backend, deterministic) = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, attn_bias,
                           out, lse)
-    ctx.causal, ctx.scale, ctx.backend = causal, scale, backend
+    ctx.causal, ctx.scale, ctx.backend, ctx.deterministic = causal, scale, backend, deterministic
     ctx.has_prefix = prefix_k is not None
 
 
@@ -103,11 +106,11 @@ def _backward(ctx, dout, dlse):
         dout = torch.zeros_like(out)
     dq, dk, dv, dpk, dpv = _attention_bwd(
         dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, attn_bias,
-        out, lse, ctx.causal, ctx.scale, ctx.backend,
+        out, lse, ctx.causal, ctx.scale, ctx.backend, ctx.deterministic,
     )
     if not ctx.has_prefix:
         dpk = dpv = None
-    return dq, dk, dv, dpk, dpv, None, None, None, None, None, None, None
+    return dq, dk, dv, dpk, dpv, None, None, None, None, None, None, None, None
 
 
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -153,6 +156,7 @@ def prefix_attention(
     backend: str = "auto",
     attn_bias: Optional[Tensor] = None,
     dropout_p: float = 0.0,
+    deterministic: bool = True,
 ):
     """Attention of q over [prefix; sequence] keys, with the prefix read from its own buffer.
 
@@ -164,6 +168,11 @@ def prefix_attention(
 
     Extensions beyond DESIGN.md §2: attn_bias (float, broadcastable to [B, Hq, Sq, Sk], added to the
     scaled scores of sequence keys only; -inf masks) and dropout_p (backend "torch" only).
+
+    deterministic (default True): the backward gives bitwise identical gradients run to run. False allows
+    a faster backward (Triton) that accumulates dq with fp32 atomics, so the order of its sums varies
+    between runs and gradients can differ in the last bits; the forward is unaffected, and backends
+    without such a path (torch reference) ignore it.
     """
     problem = validate(
         q, k, v, prefix_k, prefix_v,
@@ -172,6 +181,8 @@ def prefix_attention(
     )
     if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p: expected a float in [0, 1), got {dropout_p!r}")
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic: expected a bool, got {type(deterministic).__name__} {deterministic!r}")
     needs_grad = _needs_grad(q, k, v, prefix_k, prefix_v)
     bias_needs_grad = _needs_grad(attn_bias)
     chosen = _choose_backend(backend, problem, needs_grad=needs_grad, dropout_p=float(dropout_p),
@@ -189,6 +200,6 @@ def prefix_attention(
         prefix_k = prefix_v = prefix_index = prefix_lengths = None
     out, lse = _attention_fwd(
         q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask,
-        attn_bias.detach() if attn_bias is not None else None, causal, problem.scale, chosen,
+        attn_bias.detach() if attn_bias is not None else None, causal, problem.scale, chosen, deterministic,
     )
     return (out, lse) if return_lse else out

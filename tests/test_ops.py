@@ -27,7 +27,7 @@ def _reference_backend():
         mem.copy_(out.transpose(1, 2))
         return mem.transpose(1, 2), lse.float()
 
-    def backward(dout, dlse, q, k, v, pk, pv, pidx, plen, kpm, bias, out, lse, causal, scale):
+    def backward(dout, dlse, q, k, v, pk, pv, pidx, plen, kpm, bias, out, lse, causal, scale, *, deterministic=True):
         # Custom-op implementations run below autograd, so this is the analytic backward, written
         # independently of the kernels: P = exp(S - lse), dS = P * (dP - delta), delta = rowsum(dO*O) - dlse.
         from prefixattn.reference import gather_prefix, prefix_valid_mask, sequence_visible_mask

@@ -40,11 +40,23 @@ def compiled():
 
 def test_every_kernel_compiles(compiled):
     for scenario in SCENARIOS:
-        names = {r["kernel"] for r in compiled if r["scenario"] == scenario}
+        names = {r["kernel"] for r in compiled if r["scenario"] == scenario and r["deterministic"]}
         assert MAIN_KERNELS | {"_bwd_preprocess_kernel", "_prefix_reduce_kernel"} <= names, (scenario, names)
 
 
+def test_fused_dq_variants_compile_with_atomics(compiled):
+    """deterministic=False compiles its own dK/dV and prefix kernels, which add dQ with fp32 atomics (and
+    the deterministic ones have none)."""
+    for scenario in SCENARIOS:
+        rows = [r for r in compiled if r["scenario"] == scenario]
+        fused = {r["kernel"]: r for r in rows if not r["deterministic"]}
+        assert set(fused) == {"_bwd_dkdv_kernel", "_prefix_partial_kernel"}, (scenario, set(fused))
+        assert all(r["atomics"] > 0 for r in fused.values()), fused
+        assert all(r["atomics"] == 0 for r in rows if r["deterministic"]), scenario
+
+
 def test_hot_path_uses_wgmma_without_spills(compiled):
+    """Both backward variants: the deterministic kernels and the fused-dQ ones of deterministic=False."""
     for r in compiled:
         if r["kernel"] not in MAIN_KERNELS or r["scenario"] == "bf16-d128-pool-pad-bias":
             continue

@@ -32,6 +32,8 @@ SCENARIOS = [
     ("fp32-d128-causal", "float32", 128, dict(prefix_len=20, pool=2), True, False),
     ("bf16-d128-noprefix", "bfloat16", 128, dict(prefix_len=0), True, False),
 ]
+# Kernels compiled a second time (FUSE_DQ=True) for deterministic=False.
+FUSED_DQ_KERNELS = ("_bwd_dkdv_kernel", "_prefix_partial_kernel")
 
 
 class _Sm90Driver:
@@ -76,7 +78,9 @@ def _resources(kernel, cuobjdump):
     finally:
         os.unlink(path)
     m = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+    ptx = kernel.asm.get("ptx", "")
     return {
+        "atomics": len(re.findall(r"\b(?:red|atom)\.", ptx)),
         "registers": int(m.group(1)) if m else None,
         "stack": int(m.group(2)) if m else None,
         "shared": kernel.metadata.shared,
@@ -125,9 +129,16 @@ def main(only=None) -> list:
         lse = torch.randn(q.shape[:3], dtype=torch.float32)
         triton_bwd.backward(torch.randn_like(out), torch.randn_like(lse), q, k, v, *common, out, lse, causal,
                             head_dim ** -0.5)
-        for name, warps, stages, kernel in compiled:
-            results.append(dict(scenario=label, kernel=name, num_warps=warps, num_stages=stages,
-                                **_resources(kernel, cuobjdump)))
+        n_deterministic = len(compiled)
+        # The opt-in fused-dQ backward (atomics): its dK/dV and prefix kernels are separate compiled variants.
+        triton_bwd.backward(torch.randn_like(out), torch.randn_like(lse), q, k, v, *common, out, lse, causal,
+                            head_dim ** -0.5, deterministic=False)
+        for i, (name, warps, stages, kernel) in enumerate(compiled):
+            deterministic = i < n_deterministic
+            if not deterministic and name not in FUSED_DQ_KERNELS:
+                continue  # the same compiled kernel as in the deterministic backward
+            results.append(dict(scenario=label, kernel=name, deterministic=deterministic, num_warps=warps,
+                                num_stages=stages, **_resources(kernel, cuobjdump)))
     return results
 
 
@@ -137,5 +148,6 @@ if __name__ == "__main__":
         print(json.dumps(rows))
     else:
         for r in rows:
-            print(f"{r['scenario']:26s} {r['kernel']:30s} warps={r['num_warps']} stages={r['num_stages']} "
+            tag = "" if r["deterministic"] else " (fast)"
+            print(f"{r['scenario']:26s} {r['kernel'] + tag:30s} warps={r['num_warps']} stages={r['num_stages']} "
                   f"regs={r['registers']} stack={r['stack']} smem={r['shared']} wgmma={r['wgmma']}")

@@ -12,6 +12,8 @@ Methods (each checked against concat_mask on the same inputs before it is timed)
                      gradient through the cuDNN log-sum-exp output is not available, as in the anchors).
   floor              no prefix at all: cuDNN causal SDPA on the sequence. Targets scale it by (1 + 2P/S).
   prefixattn         prefixattn.prefix_attention(q, k, v, prefix_k, prefix_v, causal=True, backend=...).
+  prefixattn_fast    the same with deterministic=False (dq by fp32 atomics); fwd+bwd only (the forward is the
+                     same), GPU runs only.
 
 fwd is timed under torch.no_grad(); fwd+bwd runs the forward with autograd and then
 torch.autograd.grad(out, [q, k, v, prefix_k, prefix_v], grad_out) with a random grad_out (the prefix
@@ -80,6 +82,7 @@ class Method:
     fwd: Fwd  # fwd(q, k, v, prefix_k, prefix_v) -> out [B, Hq, S, D]
     note: str
     backward: bool = True
+    forward: bool = True  # False: time fwd+bwd only (a variant whose forward is another method's)
 
 
 def concat_kv(k, v, prefix_k, prefix_v):
@@ -257,6 +260,16 @@ def build_prefixattn(backend: str) -> list[Method]:
     return [Method("prefixattn", fwd, f"prefixattn.prefix_attention(backend={backend!r})")]
 
 
+def build_prefixattn_fast(backend: str) -> list[Method]:
+    import prefixattn
+
+    def fwd(q, k, v, pk, pv):
+        return prefixattn.prefix_attention(q, k, v, pk, pv, causal=True, backend=backend, deterministic=False)
+
+    return [Method("prefixattn_fast", fwd, f"prefixattn.prefix_attention(backend={backend!r}, deterministic=False)",
+                   forward=False)]
+
+
 # ---------------------------------------------------------------------------------------------- inputs
 
 
@@ -411,7 +424,7 @@ class Bench:
                     dtype=str(self.dtype).replace("torch.", ""),
                     correct=None if check is None else check["ok"], fallbacks=tried or None)
         results = {}
-        modes = [("fwd", fwd_closure, 1.0)]
+        modes = [("fwd", fwd_closure, 1.0)] if method.forward else []
         if method.backward:
             modes.append(("fwdbwd", fwdbwd_closure, timing.FWD_BWD_FLOP_FACTOR))
         for mode, closure, factor in modes:
@@ -481,12 +494,14 @@ class Bench:
                 ref, concat = None, None
             builders = dict(
                 prefixattn=lambda: build_prefixattn(self.args.backend),
+                prefixattn_fast=lambda: build_prefixattn_fast(self.args.backend),
                 concat_mask=lambda: concat,
                 concat_lowerright=lambda: build_concat_lowerright(shape, plen, dev),
                 split_merge=lambda: build_split_merge(shape, plen, dev),
                 concat_flex=lambda: build_concat_flex(shape, plen, dev),
             )
-            for name in ("prefixattn", "concat_mask", "concat_lowerright", "split_merge", "concat_flex"):
+            for name in ("prefixattn", "prefixattn_fast", "concat_mask", "concat_lowerright", "split_merge",
+                         "concat_flex"):
                 if name not in methods:
                     continue
                 try:
@@ -507,6 +522,8 @@ class Bench:
         methods = ["prefixattn", "concat_mask", "floor"]
         if timing.is_cuda(self.device):
             methods += ["concat_lowerright", "split_merge"]
+            if self.args.backend == "triton":  # the only backend with a non-deterministic backward
+                methods.append("prefixattn_fast")
         if "ceiling" in phases:
             self.ceilings()
         for name in ("main", "gqa", "d64"):

@@ -39,7 +39,8 @@ def _pyplot():
 # ---------------------------------------------------------------------------------------------- attention
 
 FWD_TARGET, FWDBWD_TARGET = 1.2, 1.3  # prefixattn <= factor x floor x (1 + 2P/S)
-ATTENTION_METHODS = ("concat_mask", "concat_lowerright", "concat_flex", "split_merge", "floor", "prefixattn")
+ATTENTION_METHODS = ("concat_mask", "concat_lowerright", "concat_flex", "split_merge", "floor", "prefixattn",
+                     "prefixattn_fast")
 # DESIGN.md §5 (anchors/h200-2026-11-29*.json), main shape, ms: {(method, P, mode): ms}
 ATTENTION_ANCHORS = {
     ("concat_mask", 16, "fwd"): 1.24, ("concat_mask", 16, "fwdbwd"): 4.38,

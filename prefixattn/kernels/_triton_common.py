@@ -56,6 +56,13 @@ def store_rows(ptrs, x, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: t
 
 
 @triton.jit
+def atomic_add_rows(ptrs, x, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr):
+    """Atomically add a [rows, BLOCK_D] fp32 tile (rows < n_rows, the real head dim). Relaxed: only the final
+    sums matter, no ordering with other memory, so no fences."""
+    tl.atomic_add(ptrs, x, mask=(rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
+
+
+@triton.jit
 def mask_sequence_scores(s, rows_q, cols_k, seq_q, seq_k, bias_base, stride_bias_q, stride_bias_k, pad_base,
                          stride_pad_k, CAUSAL: tl.constexpr, BOUND: tl.constexpr, HAS_BIAS: tl.constexpr,
                          HAS_PAD: tl.constexpr):

@@ -65,6 +65,13 @@ _TABLE: Dict[str, Dict[str, Dict[int, KernelConfig]]] = {
         "fp32": {64: C(16, 32, 4, 2), 128: C(16, 32, 4, 2), 256: C(16, 32, 8, 2)},
         "fp64": {64: C(16, 32, 4, 1), 128: C(16, 16, 4, 1), 256: C(16, 16, 4, 1)},
     },
+    # deterministic=False: the dK/dV kernel also computes dQ = dS K for each query step (atomics). The extra
+    # [block_m, D] fp32 product spills at D=128 with 32 queries per step (48 B); 16 per step does not (232 regs).
+    "bwd_dkdv_fused": {
+        "16bit": {64: C(32, 128, 8, 2), 128: C(16, 128, 8, 2), 256: C(32, 32, 8, 1)},
+        "fp32": {64: C(16, 32, 4, 2), 128: C(16, 32, 4, 2), 256: C(16, 32, 8, 2)},
+        "fp64": {64: C(16, 32, 4, 1), 128: C(16, 16, 4, 1), 256: C(16, 16, 4, 1)},
+    },
     # dK/dV of the prefix (partials per chunk): block_n prefix rows resident, block_m queries per step.
     "bwd_prefix": {
         "16bit": {64: C(32, 128, 8, 2), 128: C(32, 128, 8, 2), 256: C(32, 32, 4, 1)},
@@ -80,7 +87,7 @@ OVERRIDES: Dict[str, KernelConfig] = {}
 
 
 def config_for(kernel: str, head_dim: int, dtype: torch.dtype, *, interpreting: Optional[bool] = None) -> KernelConfig:
-    """The launch configuration of `kernel` ("fwd", "bwd_dq", "bwd_dkdv", "bwd_prefix")."""
+    """The launch configuration of `kernel` ("fwd", "bwd_dq", "bwd_dkdv", "bwd_dkdv_fused", "bwd_prefix")."""
     if kernel in OVERRIDES:
         return OVERRIDES[kernel]
     if interpreting if interpreting is not None else triton_interpreting():

@@ -15,6 +15,10 @@ unique because entries are non-decreasing along the chunk order. Slots: chunks +
 sort first and are skipped. The number of chunks depends on the GPU and the prefix shape, never on the batch,
 so the temporary is O(chunks x Hkv x P x D) fp32 (plus one slot per extra pool entry) and is freed on return.
 Everything is plain stores and fixed-order sums: bitwise deterministic.
+
+Opt-in (deterministic=False, FUSE_DQ): each work item also adds scale * dS PK for its query rows into the fp32 dq
+buffer with atomics. Each (sequence, head, query tile) is in exactly one chunk per prefix block, so every row gets
+one add per prefix block of its entry; sequences with index -1 and blocks past the valid length add nothing.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import LOG2E, PrefixArgs, load_rows, tl_acc
+from ._triton_common import LOG2E, PrefixArgs, atomic_add_rows, load_rows, tl_acc
 from ._triton_config import KernelConfig, acc_dtype, dot_precision, head_dim_block
 
 # Each chunk of (prefix block x KV head) programs should fill ~2 waves of the GPU.
@@ -49,15 +53,17 @@ def _chunk_layout(SEG_START, batch, items_per_seq, n_chunks, POOLED: tl.constexp
 
 @triton.jit
 def _prefix_partial_kernel(
-    Q, DOUT, LSE2, DELTA, PK, PV, PLEN, ORDER, SORTED, SEG_START, SEG_END, PART_K, PART_V,
+    Q, DOUT, LSE2, DELTA, PK, PV, PLEN, ORDER, SORTED, SEG_START, SEG_END, PART_K, PART_V, DQ,
     stride_qb, stride_qh, stride_qm,
     stride_dob, stride_doh, stride_dom,
     stride_pke, stride_pkh, stride_pkn,
     stride_pve, stride_pvh, stride_pvn,
     stride_part_slot, stride_part_h,
+    stride_dqb, stride_dqh, stride_dqm,
     batch, heads_q, group, seq_q, prefix_len, items_per_seq, tiles_m, n_chunks, qk_scale, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
     POOLED: tl.constexpr, HAS_LENGTHS: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr,
+    FUSE_DQ: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -115,10 +121,16 @@ def _prefix_partial_kernel(
                 lse2 = tl.load(LSE2 + stat, mask=rows < seq_q, other=float("inf"))
                 delta = tl.load(DELTA + stat, mask=rows < seq_q, other=0.0)
                 p_t = tl.exp2(tl.dot(pk, tl.trans(q), input_precision=DOT_PREC) * qk_scale - lse2[None, :])
+                if FUSE_DQ:  # slots past the valid length must add exactly 0 to dQ (not 0 * an overflowed p)
+                    p_t = tl.where(offs_p[:, None] < plen, p_t, 0.0)
                 dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)
                 dp_t = tl.dot(pv, tl.trans(do), input_precision=DOT_PREC)
                 ds_t = p_t * (dp_t - delta[None, :])
                 dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)
+                if FUSE_DQ:  # this work item's rows get the prefix block's share of dQ, once per prefix block
+                    dq = tl.dot(tl.trans(ds_t.to(pk.dtype)), pk, input_precision=DOT_PREC) * scale
+                    atomic_add_rows(DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqm
+                                    + offs_d[None, :], dq, rows, seq_q, offs_d, HEAD_DIM)
             # Slots past the valid length read zeros above but their rows still hold exp2(-lse2) terms: zero them.
             valid = offs_p[:, None] < plen
             dk = tl.where(valid, dk * scale, 0.0)
@@ -219,8 +231,9 @@ def _sequence_order(prefix_index: torch.Tensor, pool_size: int):
 
 
 def prefix_grads(q, dout, lse2, delta, pre: PrefixArgs, scale: float, cfg: KernelConfig,
-                 chunks: Optional[int] = None):
-    """(dprefix_k, dprefix_v) shaped like the prefix tensors, in their dtype."""
+                 chunks: Optional[int] = None, dq_acc: Optional[torch.Tensor] = None):
+    """(dprefix_k, dprefix_v) shaped like the prefix tensors, in their dtype. With dq_acc (an fp32 buffer shaped
+    like q), also atomically add the prefix keys' share of dQ into it (deterministic=False)."""
     batch, heads_q, seq_q, head_dim = q.shape
     heads_kv = pre.k.shape[-3]
     prefix_len = pre.length
@@ -239,19 +252,22 @@ def prefix_grads(q, dout, lse2, delta, pre: PrefixArgs, scale: float, cfg: Kerne
     else:
         order = sorted_idx = seg_start = seg_end = q
     part_k, part_v = allocate_partials(p, heads_kv, prefix_len, head_dim, acc_dtype(q.dtype), q.device)
+    dq_t = dq_acc if dq_acc is not None else q  # a dummy pointer when dQ is not fused
 
     if seq_q > 0 and batch > 0:
         _prefix_partial_kernel[(p.prefix_blocks, heads_kv, p.chunks)](
             q, dout, lse2, delta, pre.k, pre.v, pre.lengths, order, sorted_idx, seg_start, seg_end, part_k, part_v,
+            dq_t,
             q.stride(0), q.stride(1), q.stride(2),
             dout.stride(0), dout.stride(1), dout.stride(2),
             *pre.stride_k, *pre.stride_v,
             part_k.stride(0), part_k.stride(1),
+            dq_t.stride(0), dq_t.stride(1), dq_t.stride(2),
             batch, heads_q, heads_q // heads_kv, seq_q, prefix_len, items_per_seq, tiles_m, p.chunks,
             scale * LOG2E, scale,
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_P=p.block_p,
             POOLED=pre.pooled, HAS_LENGTHS=pre.has_lengths, ACC=tl_acc(q.dtype), DOT_PREC=dot_precision(q.dtype),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            FUSE_DQ=dq_acc is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     view_k = dpk if pre.pooled else dpk.unsqueeze(0)
     view_v = dpv if pre.pooled else dpv.unsqueeze(0)

@@ -125,7 +125,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, prefix_k, prefix_v, prefix_index, p
 
 
 def backward(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask,
-             attn_bias, out, lse, causal: bool, scale: float):
+             attn_bias, out, lse, causal: bool, scale: float, *, deterministic: bool = True):
     raise RuntimeError("backend 'cuda' is inference only (decode kernels) and has no backward; "
                        "use backend='triton' or 'auto' when gradients are needed")
 

@@ -35,8 +35,8 @@ def forward(q: Tensor, k: Tensor, v: Tensor, prefix_k, prefix_v, prefix_index, p
 
 
 def backward(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask,
-             attn_bias, out, lse, causal: bool, scale: float):
+             attn_bias, out, lse, causal: bool, scale: float, *, deterministic: bool = True):
     from . import triton_bwd
 
     return triton_bwd.backward(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths,
-                               key_padding_mask, attn_bias, out, lse, causal, scale)
+                               key_padding_mask, attn_bias, out, lse, causal, scale, deterministic=deterministic)

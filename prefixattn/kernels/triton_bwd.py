@@ -1,6 +1,6 @@
 """Triton backward kernels for prefix attention (training).
 
-Four launches, all deterministic (no atomics):
+Four launches, all deterministic (no atomics) by default:
 1. `_bwd_preprocess_kernel`: delta_i = rowsum(dO_i * O_i) - dlse_i (the gradient through the returned lse folds
    into delta, as in FA4) and lse2_i = lse_i * log2(e), with empty rows (lse = -inf) mapped to delta = 0 and
    lse2 = +inf so every probability recomputed for them is exactly 0.
@@ -11,6 +11,11 @@ Four launches, all deterministic (no atomics):
 4. Prefix dK/dV: see _triton_prefix_bwd (chunked partials + fixed-order reduction, batch-bounded memory).
 The prefix gradient is not fused into the dq pass: the dq programs would each need all P prefix rows of dK/dV
 in registers or atomics to combine them, and the brief asks for determinism with bounded extra memory.
+
+deterministic=False (opt-in) drops launch 2: launches 3 and 4 already hold K (resp. the prefix block) and compute
+dS for every (key, query) pair exactly once, so each also adds scale * dS K into a zeroed fp32 dq buffer with
+relaxed atomics (5 GEMM-equivalents per tile pair instead of 7). Every dq row gets one add per sequence-key tile
+that sees it and one per prefix block of its sequence's entry; keys it does not see are masked to p = 0.
 """
 
 from __future__ import annotations
@@ -22,8 +27,8 @@ import triton
 import triton.language as tl
 
 from . import _triton_prefix_bwd
-from ._triton_common import (LOG2E, PrefixArgs, bias_strides, load_rows, mask_sequence_scores, padding_args,
-                             prefix_entry, store_rows, tl_acc)
+from ._triton_common import (LOG2E, PrefixArgs, atomic_add_rows, bias_strides, load_rows, mask_sequence_scores,
+                             padding_args, prefix_entry, store_rows, tl_acc)
 from ._triton_config import KernelConfig, acc_dtype, config_for, dot_precision, head_dim_block
 
 _PREPROCESS_BLOCK_M = 64
@@ -161,11 +166,15 @@ def _bwd_dq_kernel(
 
 
 @triton.jit
-def _dkdv_step(dk, dv, k, v, q_ptrs, do_ptrs, stat_ptrs, delta_ptrs, rows, offs_n, offs_d, qk_scale, seq_q, seq_k,
-               bias_base, stride_bias_m, stride_bias_n,
+def _dkdv_step(dk, dv, k, v, q_ptrs, do_ptrs, stat_ptrs, delta_ptrs, dq_ptrs, keep, rows, offs_n, offs_d, qk_scale,
+               scale, seq_q, seq_k, bias_base, stride_bias_m, stride_bias_n,
                CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-               DOT_PREC: tl.constexpr):
-    """Add one query tile's contribution to the resident key tile's dK/dV (computed transposed: [keys, queries])."""
+               DOT_PREC: tl.constexpr, FUSE_DQ: tl.constexpr):
+    """Add one query tile's contribution to the resident key tile's dK/dV (computed transposed: [keys, queries]).
+
+    FUSE_DQ (deterministic=False): also add this key tile's share of the query tile's dQ, scale * dS K, to the
+    fp32 dq buffer with atomics (one add per element per key tile, in a run-dependent order).
+    """
     q = load_rows(q_ptrs, rows, seq_q, offs_d, HEAD_DIM, BLOCK_D, True)
     do = load_rows(do_ptrs, rows, seq_q, offs_d, HEAD_DIM, BLOCK_D, True)
     lse2 = tl.load(stat_ptrs, mask=rows < seq_q, other=float("inf"))
@@ -175,16 +184,21 @@ def _dkdv_step(dk, dv, k, v, q_ptrs, do_ptrs, stat_ptrs, delta_ptrs, rows, offs_
     s_t = mask_sequence_scores(s_t, rows[None, :], offs_n[:, None], seq_q, seq_k, bias_base, stride_bias_m,
                                stride_bias_n, bias_base, 0, CAUSAL, False, HAS_BIAS, False)
     p_t = tl.exp2(s_t - lse2[None, :])
+    if FUSE_DQ:  # ...but dQ sums over keys, so there they must contribute exactly 0 (keep: real, unpadded keys)
+        p_t = tl.where(keep[:, None], p_t, 0.0)
     dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
     ds_t = p_t * (dp_t - delta[None, :])
     dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)
+    if FUSE_DQ:
+        dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=DOT_PREC) * scale
+        atomic_add_rows(dq_ptrs, dq, rows, seq_q, offs_d, HEAD_DIM)
     return dk, dv
 
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, PAD, BIAS, DOUT, LSE2, DELTA, DK, DV,
+    Q, K, V, PAD, BIAS, DOUT, LSE2, DELTA, DK, DV, DQ,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -193,10 +207,11 @@ def _bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dom,
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
+    stride_dqb, stride_dqh, stride_dqm,
     heads_q, heads_kv, group, seq_q, seq_k, qk_scale, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, FUSE_DQ: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -213,6 +228,10 @@ def _bwd_dkdv_kernel(
                   offs_n, seq_k, offs_d, HEAD_DIM, BLOCK_D, True)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
+    dq_keep = offs_n < seq_k
+    if FUSE_DQ and HAS_PAD:
+        dq_keep = dq_keep & (tl.load(PAD + b64 * stride_padb + offs_n * stride_padn, mask=offs_n < seq_k,
+                                     other=0) != 0)
 
     if CAUSAL:
         # Query i sees key j iff i >= j - (seq_k - seq_q). Tiles before m_lo see no key of this tile; tiles from
@@ -228,18 +247,21 @@ def _bwd_dkdv_kernel(
         h64 = (kvh * group + g).to(tl.int64)
         q_ptrs = Q + b64 * stride_qb + h64 * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
         do_ptrs = DOUT + b64 * stride_dob + h64 * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :]
+        dq_ptrs = DQ + b64 * stride_dqb + h64 * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :]
         stat_base = (b64 * heads_q + h64) * seq_q
         bias_base = BIAS + b64 * stride_bb + h64 * stride_bh
         for start in range(m_lo, m_full, BLOCK_M):
             dk, dv = _dkdv_step(dk, dv, k, v, q_ptrs + start * stride_qm, do_ptrs + start * stride_dom,
                                 LSE2 + stat_base + start + offs_m, DELTA + stat_base + start + offs_m,
-                                start + offs_m, offs_n, offs_d, qk_scale, seq_q, seq_k, bias_base, stride_bm,
-                                stride_bn, True, HAS_BIAS, HEAD_DIM, BLOCK_D, DOT_PREC)
+                                dq_ptrs + start * stride_dqm, dq_keep, start + offs_m, offs_n, offs_d, qk_scale, scale,
+                                seq_q, seq_k, bias_base, stride_bm, stride_bn, True, HAS_BIAS, HEAD_DIM, BLOCK_D,
+                                DOT_PREC, FUSE_DQ)
         for start in range(m_full, seq_q, BLOCK_M):
             dk, dv = _dkdv_step(dk, dv, k, v, q_ptrs + start * stride_qm, do_ptrs + start * stride_dom,
                                 LSE2 + stat_base + start + offs_m, DELTA + stat_base + start + offs_m,
-                                start + offs_m, offs_n, offs_d, qk_scale, seq_q, seq_k, bias_base, stride_bm,
-                                stride_bn, False, HAS_BIAS, HEAD_DIM, BLOCK_D, DOT_PREC)
+                                dq_ptrs + start * stride_dqm, dq_keep, start + offs_m, offs_n, offs_d, qk_scale, scale,
+                                seq_q, seq_k, bias_base, stride_bm, stride_bn, False, HAS_BIAS, HEAD_DIM, BLOCK_D,
+                                DOT_PREC, FUSE_DQ)
 
     dk = dk * scale
     if HAS_PAD:  # a padded key is invisible to every query: its gradient is exactly 0
@@ -254,14 +276,17 @@ def _bwd_dkdv_kernel(
 
 def configs_for(head_dim: int, dtype: torch.dtype) -> Dict[str, KernelConfig]:
     """The backward launch configurations used for this head dim and dtype (for benchmark reports)."""
-    return {name: config_for(name, head_dim, dtype) for name in ("bwd_dq", "bwd_dkdv", "bwd_prefix")}
+    return {name: config_for(name, head_dim, dtype) for name in ("bwd_dq", "bwd_dkdv", "bwd_dkdv_fused", "bwd_prefix")}
 
 
 def backward(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, attn_bias,
              out, lse, causal: bool, scale: float, *, configs: Optional[Dict[str, KernelConfig]] = None,
-             prefix_chunks: Optional[int] = None):
+             prefix_chunks: Optional[int] = None, deterministic: bool = True):
     """(dq, dk, dv, dprefix_k, dprefix_v); gradients have the layouts of their inputs (torch.empty_like);
-    dprefix_* are None without a prefix. prefix_chunks overrides the prefix-gradient chunk count (tests)."""
+    dprefix_* are None without a prefix. prefix_chunks overrides the prefix-gradient chunk count (tests).
+
+    deterministic=False: no dQ kernel; the sequence and prefix dK/dV kernels add dS K into a zeroed fp32 dq
+    buffer with atomics (run-dependent summation order), converted to q's dtype at the end."""
     batch, heads_q, seq_q, head_dim = q.shape
     heads_kv, seq_k = k.shape[1], k.shape[2]
     group = heads_q // heads_kv
@@ -273,6 +298,7 @@ def backward(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengt
     qk_scale = scale * LOG2E
 
     pre = PrefixArgs.build(prefix_k, prefix_v, prefix_index, prefix_lengths, q)
+    fuse_dq = not deterministic
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
@@ -300,9 +326,10 @@ def backward(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengt
     bias = attn_bias if attn_bias is not None else q
     sbb, sbh, sbm, sbn = bias_strides(attn_bias, (batch, heads_q, seq_q, seq_k))
 
-    # 2. dQ over prefix and sequence keys.
+    # 2. dQ over prefix and sequence keys (or, fused: a zeroed accumulator, same strides as q, for the atomics).
     cfg = cfgs["bwd_dq"]
-    if seq_q > 0:
+    dq_acc = torch.zeros_like(q, dtype=acc_dtype(q.dtype)) if fuse_dq else dq
+    if seq_q > 0 and not fuse_dq:
         _bwd_dq_kernel[(triton.cdiv(seq_q, cfg.block_m), batch * heads_q)](
             q, k, v, pre.k, pre.v, pre.index, pre.lengths, pad, bias, dout, lse2, delta, dq,
             q.stride(0), q.stride(1), q.stride(2),
@@ -320,11 +347,11 @@ def backward(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengt
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
-    # 3. dK, dV of the sequence keys.
-    cfg = cfgs["bwd_dkdv"]
+    # 3. dK, dV of the sequence keys (fused: and their share of dQ).
+    cfg = cfgs["bwd_dkdv_fused" if fuse_dq else "bwd_dkdv"]
     if seq_k > 0:
         _bwd_dkdv_kernel[(triton.cdiv(seq_k, cfg.block_n), batch * heads_kv)](
-            q, k, v, pad, bias, dout, lse2, delta, dk, dv,
+            q, k, v, pad, bias, dout, lse2, delta, dk, dv, dq_acc,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
@@ -333,17 +360,22 @@ def backward(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengt
             dout.stride(0), dout.stride(1), dout.stride(2),
             dk.stride(0), dk.stride(1), dk.stride(2),
             dv.stride(0), dv.stride(1), dv.stride(2),
+            dq_acc.stride(0), dq_acc.stride(1), dq_acc.stride(2),
             heads_q, heads_kv, group, seq_q, seq_k, qk_scale, scale,
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             CAUSAL=causal, HAS_PAD=key_padding_mask is not None, HAS_BIAS=attn_bias is not None, ACC=acc,
-            DOT_PREC=prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            DOT_PREC=prec, FUSE_DQ=fuse_dq, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
-    # 4. dK, dV of the prefix.
-    if prefix_k is None:
-        return dq, dk, dv, None, None
-    if not pre.present:  # P = 0: an empty gradient of the right shape
-        return dq, dk, dv, torch.zeros_like(prefix_k), torch.zeros_like(prefix_v)
-    dpk, dpv = _triton_prefix_bwd.prefix_grads(q, dout, lse2, delta, pre, scale, cfgs["bwd_prefix"],
-                                               chunks=prefix_chunks)
+    # 4. dK, dV of the prefix (fused: and the prefix keys' share of dQ).
+    dpk = dpv = None
+    if prefix_k is not None:
+        if pre.present:
+            dpk, dpv = _triton_prefix_bwd.prefix_grads(q, dout, lse2, delta, pre, scale, cfgs["bwd_prefix"],
+                                                       chunks=prefix_chunks, dq_acc=dq_acc if fuse_dq else None)
+        else:  # P = 0: an empty gradient of the right shape
+            dpk, dpv = torch.zeros_like(prefix_k), torch.zeros_like(prefix_v)
+    if fuse_dq:
+        dq.copy_(dq_acc)  # one elementwise pass (same strides); rows nothing reached stay exactly 0
+        del dq_acc
     return dq, dk, dv, dpk, dpv
