@@ -35,7 +35,7 @@ class LightMask:
     """What a plain causal / bidirectional mask needs, without materialising it.
 
     padding: bool [B, kv_length] (True = real token) or None; q_offset: position of the first query in the
-    keys (an int, or a 0-d tensor from a StaticCache); causal: causal over the sequence keys.
+    keys (an int); causal: causal over the sequence keys.
     `ndim` lets transformers feed a prepared mask back into its mask code (generate() builds the mask in
     advance for compileable caches and passes it as attention_mask, P3); the mask function then returns
     it unchanged.
@@ -75,6 +75,9 @@ def prefixattn_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, 
             return attention_mask  # a prepared mask fed back by generate()
         attention_mask = attention_mask.padding
     if plain and not isinstance(kv_offset, Tensor) and kv_offset == 0:
+        # A StaticCache hands q_offset over as its own length counter, which the first layer's cache update
+        # then increments in place: take its value now (one host sync per forward, none per layer).
+        q_offset = int(q_offset)
         return LightMask(_fit_padding(attention_mask, kv_length), q_offset, q_length, kv_length,
                          causal=mask_function is causal_mask_function)
     kwargs.pop("allow_is_causal_skip", None)
@@ -95,7 +98,7 @@ def _translate_mask(module, query: Tensor, key: Tensor, value: Tensor, attention
         if causal:
             # A StaticCache hands over all max_cache_len slots; the ones after the current tokens are empty.
             # Cropping to q_offset + Sq makes the op's bottom-right causal alignment exact (P2).
-            keep = min(keep, int(lm.q_offset) + sq)
+            keep = min(keep, lm.q_offset + sq)
         if lm.padding is not None:
             kpm = lm.padding[:, :keep]
     elif attention_mask is None:

@@ -24,10 +24,10 @@ def build(family: str, seed: int = 0, **overrides):
         cfg = tf.Qwen2Config(**_decoder_common(**overrides))
         model = tf.Qwen2ForCausalLM(cfg)
     elif family == "qwen3":
-        cfg = tf.Qwen3Config(**_decoder_common(head_dim=16, **overrides))
+        cfg = tf.Qwen3Config(**_decoder_common(**{"head_dim": 16, **overrides}))
         model = tf.Qwen3ForCausalLM(cfg)
     elif family == "mistral":  # explicit head_dim != hidden / heads (Mistral-Nemo pattern)
-        cfg = tf.MistralConfig(**_decoder_common(head_dim=16, sliding_window=None, **overrides))
+        cfg = tf.MistralConfig(**_decoder_common(**{"head_dim": 16, "sliding_window": None, **overrides}))
         model = tf.MistralForCausalLM(cfg)
     elif family == "gpt2":
         kw = dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128, resid_pdrop=0.0,
@@ -38,7 +38,8 @@ def build(family: str, seed: int = 0, **overrides):
         kw = dict(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
                   decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=128,
                   dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, pad_token_id=0, bos_token_id=1,
-                  eos_token_id=2, decoder_start_token_id=1, forced_eos_token_id=None)
+                  eos_token_id=2, decoder_start_token_id=1, forced_eos_token_id=None,
+                  init_std=0.25)  # BART's default 0.02 makes prefix effects too small to test
         kw.update(overrides)
         model = tf.BartForConditionalGeneration(tf.BartConfig(**kw))
     elif family == "t5":
