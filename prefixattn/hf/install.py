@@ -66,6 +66,8 @@ def init(model: PreTrainedModel, backend: str = "auto") -> PreTrainedModel:
     model.add_module(STORE_NAME, store)
     probe = sites[0].module
     store.__dict__["_probe_module"] = probe  # plain attribute: a child module would make a reference cycle
+    store.__dict__["_gc_probe"] = next((m for m in model.modules() if hasattr(m, "_gradient_checkpointing_func")
+                                        or hasattr(m, "gradient_checkpointing")), None)
     for site in sites:
         site.module.__dict__[attn.SITE_ATTR] = (site.location, site.layer)
         site.module.__dict__[attn.STORE_ATTR] = store
@@ -117,6 +119,8 @@ def _entry_pre_hook(module, args, kwargs):
     if store._entered and store._current is not None and choice is None:
         ctx = store._current  # an inner entry called without the kwarg: keep the outer forward's prefixes
     else:
+        if module.training and torch.is_grad_enabled():
+            _check_checkpointing(store)
         dtype, device = compute_dtype(store)
         ctx = store.begin_forward(choice, dtype=dtype, device=device)
     if not store._entered:
@@ -126,6 +130,24 @@ def _entry_pre_hook(module, args, kwargs):
     store._entered.append(id(module))
     kwargs[attn.CONTEXT_KWARG] = ctx
     return args, kwargs
+
+
+def _check_checkpointing(store: PrefixStore) -> None:
+    """Reentrant checkpointing runs a nested backward per layer that cannot see the prefix tensors (they are no
+    input of the checkpointed layer), so the shared MLP graph would be walked once per layer; refuse it."""
+    if not any(p.requires_grad for name in store.active for p in store.adapters[name].parameters()):
+        return
+    layer = store.__dict__.get("_gc_probe")
+    func = getattr(layer, "_gradient_checkpointing_func", None)
+    if layer is None or not getattr(layer, "gradient_checkpointing", False) or func is None:
+        return
+    keywords = getattr(func, "keywords", None)
+    if keywords is not None and keywords.get("use_reentrant", True):  # torch's default is reentrant
+        raise ValueError(
+            "prefixattn: gradient checkpointing with use_reentrant=True cannot train prefixes; enable it with "
+            "use_reentrant=False (transformers' default): model.gradient_checkpointing_enable("
+            "gradient_checkpointing_kwargs={'use_reentrant': False})"
+        )
 
 
 def _entry_post_hook(module, args, kwargs, output):
