@@ -2,9 +2,9 @@
 
 from .attention import CONTEXT_KWARG, NAME, LightMask, prefixattn_attention, prefixattn_mask, register
 from .families import SUPPORTED_MODEL_TYPES, Site, UnsupportedModelError, find_sites
-from .install import get_store, init
+from .install import get_flat_prefix, get_store, init, set_flat_prefix
 
 __all__ = [
-    "init", "get_store", "register", "NAME", "CONTEXT_KWARG", "LightMask", "prefixattn_attention",
+    "init", "get_store", "get_flat_prefix", "set_flat_prefix", "register", "NAME", "CONTEXT_KWARG", "LightMask", "prefixattn_attention",
     "prefixattn_mask", "find_sites", "Site", "SUPPORTED_MODEL_TYPES", "UnsupportedModelError",
 ]

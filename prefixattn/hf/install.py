@@ -37,6 +37,19 @@ def get_store(model) -> PrefixStore:
     return store
 
 
+def get_flat_prefix(model, name: str) -> dict:
+    """{location: [L_loc, 2, Hkv, P, D]} of adapter `name` (rows: `get_store(model).get(name).rows[location]`,
+    global layer ids in order; axis 1: 0 = keys, 1 = values). Keys are post-RoPE (unrotated) for RoPE models."""
+    return get_store(model).flat_prefix(name)
+
+
+def set_flat_prefix(model, name: str, prefixes: dict) -> None:
+    """Replace adapter `name`'s generators by these flat prefixes (same form as get_flat_prefix); every shape
+    is checked before anything changes. For importers: add_adapter(name, PrefixTuningConfig(flat=True, ...))
+    with the right prefix_length / leave_out / locations first, then call this."""
+    get_store(model).set_flat_prefix(name, prefixes)
+
+
 def _check_backend(backend) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")

@@ -203,6 +203,15 @@ class PrefixStore(nn.Module):
         self.active = [a for a in self.active if a != name]
         self.changed()
 
+    def set_flat_prefix(self, name: str, prefixes: Mapping[str, Tensor]) -> None:
+        """Give adapter `name` these flat prefixes {location: [L_loc, 2, Hkv, P, D]} (validated first)."""
+        self.get(name).set_flat_prefix(prefixes)
+        self.changed()
+
+    def flat_prefix(self, name: str) -> dict[str, Tensor]:
+        """Adapter `name`'s inference prefix {location: [L_loc, 2, Hkv, P, D]} (the MLP run once, no dropout)."""
+        return self.get(name).flat_prefix()
+
     def set_active(self, names) -> None:
         if names is None:
             names = []

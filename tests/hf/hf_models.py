@@ -66,7 +66,8 @@ def batch(family: str, seed: int = 1, b: int = 3, s: int = 7):
     ids = torch.randint(3, VOCAB, (b, s), generator=g)
     mask = torch.ones(b, s, dtype=torch.long)
     mask[0, :3] = 0
-    mask[2, :1] = 0
+    if b > 2:
+        mask[2, :1] = 0
     if family in ENC_DEC:
         enc_mask = mask.flip(1)  # right-padded encoder input
         ids = ids.masked_fill(enc_mask == 0, 0)

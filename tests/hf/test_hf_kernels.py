@@ -25,7 +25,10 @@ def _prepared(family, backend, **overrides):
 
 
 def _loss_and_grads(model, kw, **extra):
-    labels = kw["input_ids"].masked_fill(kw["attention_mask"] == 0, -100)
+    if model.config.is_encoder_decoder:
+        labels = kw["decoder_input_ids"].masked_fill(kw["decoder_attention_mask"] == 0, -100)
+    else:
+        labels = kw["input_ids"].masked_fill(kw["attention_mask"] == 0, -100)
     out = model(**kw, labels=labels, **extra)
     out.loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -33,16 +36,26 @@ def _loss_and_grads(model, kw, **extra):
     return out.logits.detach(), grads
 
 
+# head dims of 16: tl.dot needs dimensions >= 16
+INTERPRETER_MODELS = [("llama", {"hidden_size": 64}), ("t5", {"d_kv": 16})]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter test is for CPU runs")
-def test_tiny_llama_through_the_triton_interpreter():
+@pytest.mark.parametrize("family,overrides", INTERPRETER_MODELS)
+def test_tiny_models_through_the_triton_interpreter(family, overrides):
+    """Shared prefix, and a per-sequence pool choice; T5 also passes its position bias as attn_bias."""
     pytest.importorskip("prefixattn.kernels.triton_fwd")
-    kw, real = batch("llama", b=2, s=5)
+    kw, real = batch(family, b=2, s=5)
     outs = {}
     for backend in ("torch", "triton"):
-        model = _prepared("llama", backend, hidden_size=64)  # head_dim 16: tl.dot needs dims >= 16
+        model = _prepared(family, backend, **overrides)
         with torch.no_grad():
-            outs[backend] = model(**kw).logits
-    assert rel_err(outs["triton"][real], outs["torch"][real]) <= TOLERANCE[torch.float32]
+            shared = model(**kw).logits
+            model.set_active_adapters(["a", "b"])
+            mixed = model(**kw, prefix_choice=["b", "a"]).logits
+        outs[backend] = (shared, mixed)
+    for got, want in zip(outs["triton"], outs["torch"]):
+        assert rel_err(got[real], want[real]) <= TOLERANCE[torch.float32]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter test is for CPU runs")
