@@ -137,6 +137,11 @@ def _translate_mask(module, query: Tensor, key: Tensor, value: Tensor, attention
 def prefixattn_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_mask, scaling=None,
                          dropout: float = 0.0, **kwargs):
     """AttentionInterface function: q [B, Hq, Sq, D], k/v [B, Hkv, Sk, D] -> ([B, Sq, Hq, D], None)."""
+    device_type = query.device.type
+    if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
+        # Autocast leaves RoPE'd q/k in float32 next to a low-precision v; do what autocast does for SDPA.
+        dtype = torch.get_autocast_dtype(device_type)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     ctx = kwargs.get(CONTEXT_KWARG)
     store = module.__dict__.get(STORE_ATTR)
     if store is None and ctx is not None:

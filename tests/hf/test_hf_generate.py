@@ -12,8 +12,8 @@ from prefixattn import PrefixTuningConfig
 NEW = 4
 
 
-def _prepared(family, **cfg):
-    model = build(family)
+def _prepared(family, overrides=None, **cfg):
+    model = build(family, **(overrides or {}))
     prefixattn.init(model)
     config = PrefixTuningConfig(**{"prefix_length": 5, "bottleneck_size": 16, **cfg})
     model.add_adapter("a", config=config, set_active=True)
@@ -58,12 +58,16 @@ def _new_tokens(model, out, kw):
     return seq[:, 1:] if model.config.is_encoder_decoder else seq[:, kw["input_ids"].shape[1]:]
 
 
-@pytest.mark.parametrize("family,cache", [
-    ("llama", "dynamic"), ("llama", "static"), ("gpt2", "dynamic"), ("mistral", "static"),
-    ("t5", "dynamic"), ("t5", "static"), ("bart", "dynamic"), ("bart", "static"),
+SLIDING = {"sliding_window": 3}  # shorter than prompt + generation: sliding caches drop old keys
+
+
+@pytest.mark.parametrize("family,cache,overrides", [
+    ("llama", "dynamic", None), ("llama", "static", None), ("gpt2", "dynamic", None), ("mistral", "static", None),
+    ("mistral", "dynamic", SLIDING), ("mistral", "static", SLIDING),
+    ("t5", "dynamic", None), ("t5", "static", None), ("bart", "dynamic", None), ("bart", "static", None),
 ])
-def test_greedy_generate_equals_no_cache_step_loop(family, cache):
-    model = _prepared(family)
+def test_greedy_generate_equals_no_cache_step_loop(family, cache, overrides):
+    model = _prepared(family, overrides)
     kw = _prompt(family)
     extra = {"cache_implementation": "static"} if cache == "static" else {}
     with torch.no_grad():

@@ -198,3 +198,16 @@ def test_reentrant_checkpointing_is_refused_with_a_clear_error():
     for p in model.parameters():
         p.requires_grad_(False)
     _loss(model, "llama", kw)
+
+
+@pytest.mark.parametrize("family", ["llama", "t5"])
+def test_autocast_training_runs_and_matches_fp32_loosely(family):
+    model = _prepared(family)
+    model.train_adapter("a")
+    kw, _ = batch(family)
+    ref = _loss(model, family, kw)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = _loss(model, family, kw)
+    loss.backward()
+    assert abs(loss.item() - ref.item()) < 0.05
+    assert all(p.grad is not None for p in get_store(model).get("a").parameters())
