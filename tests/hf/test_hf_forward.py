@@ -85,15 +85,20 @@ def test_every_encoder_decoder_location_changes_the_output(family):
     set_impl(model, "prefixattn")
 
 
-def test_sliding_window_keeps_the_prefix_visible():
-    """Mistral with a window shorter than the sequence: the mask falls back to a dense one (attn_bias) and
-    the prefix stays visible to every query (the oracle concatenates it with zero bias)."""
-    model = _prepared("mistral", sliding_window=3)
-    kw, real = batch("mistral")
+@pytest.mark.parametrize("family,window,no_window", [
+    ("mistral", {"sliding_window": 3}, {"sliding_window": None}),
+    # Qwen2: layer 0 full attention, layer 1 sliding (a per-layer-type mask dict)
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 3, "max_window_layers": 1}, {}),
+])
+def test_sliding_window_keeps_the_prefix_visible(family, window, no_window):
+    """A window shorter than the sequence: the mask falls back to a dense one (attn_bias) and the prefix stays
+    visible to every query (the oracle concatenates it with zero bias)."""
+    model = _prepared(family, **window)
+    kw, real = batch(family)
     out = _logits(model, "prefixattn", "a", kw)
     ref = _logits(model, ORACLE, "a", kw)
     assert (out - ref)[real].abs().max().item() <= TOL
-    unwindowed = _logits(_prepared("mistral", sliding_window=None), "prefixattn", "a", kw)
+    unwindowed = _logits(_prepared(family, **no_window), "prefixattn", "a", kw)
     assert (out - unwindowed)[real].abs().max().item() > 1e-3  # the window really cut keys
 
 

@@ -3,7 +3,7 @@ padding); sampling and beam search equal the hand-concatenated oracle; the KV ca
 
 import pytest
 import torch
-from hf_models import ENC_DEC, batch, build
+from hf_models import batch, build
 from hf_oracle import ORACLE, attach_prefixes, set_impl
 
 import prefixattn
