@@ -1,17 +1,15 @@
 """DDP (gloo, two CPU processes) gives the same prefix gradients as one process on the whole batch."""
 
 import os
-import socket
+import time
+from datetime import timedelta
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+DEADLINE_S = 120  # a hung worker fails the test instead of stalling the suite
 
 
 def _model_and_batch():
@@ -29,13 +27,14 @@ def _model_and_batch():
     return model, kw
 
 
-def _worker(rank, world, port, tests_dir, out_path):
+def _worker(rank, world, init_file, tests_dir, out_path):
     import sys
 
     sys.path.insert(0, tests_dir)
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # A file rendezvous: no TCP port that another process on the machine could take meanwhile.
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
     try:
         model, kw = _model_and_batch()
         ddp = torch.nn.parallel.DistributedDataParallel(model)
@@ -47,20 +46,27 @@ def _worker(rank, world, port, tests_dir, out_path):
         loss.backward()
         if rank == 0:
             torch.save({n: p.grad for n, p in model.named_parameters() if p.requires_grad}, out_path)
+        dist.barrier()  # neither rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
 
 
 def test_ddp_gloo_prefix_gradients_match_one_process(tmp_path):
-    model, kw = _model_and_batch()  # first, so the forked children inherit every import
-    model(**kw).loss.backward()
-    ref = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     tests_dir = os.path.dirname(__file__)
     out = str(tmp_path / "grads.pt")
-    # fork, not spawn: spawned children re-import torch and transformers (several seconds each on a 2-core
-    # machine). Children set one intra-op thread first, as DataLoader workers do, which keeps fork safe.
-    mp.start_processes(_worker, args=(2, _free_port(), tests_dir, out), nprocs=2, join=True, start_method="fork")
+    # spawn, not fork: a forked child inherits the parent's thread pools and locks, and hung now and then.
+    procs = mp.start_processes(_worker, args=(2, str(tmp_path / "rendezvous"), tests_dir, out), nprocs=2,
+                               join=False, start_method="spawn")
+    start = time.monotonic()
+    while not procs.join(timeout=1.0):
+        if time.monotonic() - start > DEADLINE_S:
+            for p in procs.processes:
+                p.kill()
+            pytest.fail(f"DDP workers did not finish within {DEADLINE_S} s")
     ddp_grads = torch.load(out)
+    model, kw = _model_and_batch()
+    model(**kw).loss.backward()
+    ref = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     assert ddp_grads.keys() == ref.keys() and ref
     for n in ref:
         torch.testing.assert_close(ddp_grads[n], ref[n], rtol=1e-4, atol=1e-7)
