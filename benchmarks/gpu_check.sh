@@ -14,7 +14,7 @@
 #                    "--phases main,gqa", "--phases train,generate"
 #   --pytest-args A  replaces the default "-q -m gpu --maxfail=10 -rfE -p no:cacheprovider"
 # Environment: OUT (default ./out), PYTHON (default python3), WORK (scratch, default a new /tmp dir), and
-# STEPS, BUDGET, QUICK=1 as alternatives to the flags.
+# STEPS, BUDGET, QUICK=1 as alternatives to the flags; CAP_<STEP> (e.g. CAP_TESTS=90) caps one step's seconds.
 #
 # What comes back: $OUT/summary.txt (step status, test result, benchmark tables and targets),
 # $OUT/results.tar.gz (every log, JSON, table and plot), $OUT/{attention,decode,e2e}.json and the PNGs.
@@ -137,11 +137,11 @@ run_step() {
 # One step: its time cap (seconds) and command; steps run in the order --steps gives them.
 step() {
   case "$1" in
-    install) run_step install 300 "
-      $PY -m pip install -v --no-deps --no-build-isolation -e . || exit 1
+    install) run_step install ${CAP_INSTALL:-300} "
+      PREFIXATTN_BUILD_CUDA=${PREFIXATTN_BUILD_CUDA:-1} $PY -m pip install -v --no-deps --no-build-isolation -e . || exit 1
       $PY -c 'import prefixattn._C' 2>/dev/null && echo 'cuda extension: built' || echo 'cuda extension: NOT importable'
     " ;;
-    env) run_step env 60 "
+    env) run_step env ${CAP_ENV:-60} "
       nvidia-smi || echo 'no nvidia-smi'
       nvcc --version || echo 'no nvcc'
       $PY -m pip list 2>/dev/null | grep -iE '^(torch|triton|transformers|peft|matplotlib|numpy|setuptools|pybind11) '
@@ -151,17 +151,17 @@ env = timing.environment(dev)
 open(\"$RESULTS/env.json\", \"w\").write(json.dumps(env, indent=1))
 print(json.dumps(env, indent=1))'
     " ;;
-    tests) run_step tests 240 "$PY -m pytest $PYTEST_ARGS --junitxml=$LOGS/pytest-gpu.xml" ;;
-    memcheck) run_step memcheck 180 "
+    tests) run_step tests ${CAP_TESTS:-240} "$PY -m pytest $PYTEST_ARGS --junitxml=$LOGS/pytest-gpu.xml" ;;
+    memcheck) run_step memcheck ${CAP_MEMCHECK:-180} "
       if [ ! -f benchmarks/cuda_memcheck.py ]; then echo 'memcheck: skipped, no benchmarks/cuda_memcheck.py'; exit 0; fi
       if ! command -v compute-sanitizer >/dev/null; then echo 'memcheck: skipped, no compute-sanitizer'; exit 0; fi
       compute-sanitizer --tool memcheck --error-exitcode 3 $PY benchmarks/cuda_memcheck.py
     " ;;
-    attention) run_step attention 300 \
+    attention) run_step attention ${CAP_ATTENTION:-300} \
       "$PY benchmarks/bench_attention.py --out $RESULTS --budget-s \$STEP_BUDGET $QFLAG $SMOKE $ATTN_ARGS" ;;
-    decode) run_step decode 200 \
+    decode) run_step decode ${CAP_DECODE:-200} \
       "$PY benchmarks/bench_decode.py --out $RESULTS --budget-s \$STEP_BUDGET $QFLAG $SMOKE $DECODE_ARGS" ;;
-    e2e) run_step e2e 360 "$PY benchmarks/bench_e2e.py --out $RESULTS --budget-s \$STEP_BUDGET $QFLAG $SMOKE $E2E_ARGS" ;;
+    e2e) run_step e2e ${CAP_E2E:-360} "$PY benchmarks/bench_e2e.py --out $RESULTS --budget-s \$STEP_BUDGET $QFLAG $SMOKE $E2E_ARGS" ;;
   esac
 }
 
