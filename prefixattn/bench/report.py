@@ -179,7 +179,9 @@ def attention_plot(records: list[dict], path: Path) -> Optional[Path]:
                     r = next((r for r in srows if r["method"] == m and r["mode"] == mode
                               and r["P"] == (0 if m == "floor" else p)), None)
                     ys.append(r["ms"] if r else 0.0)
-                ax.bar([j + i * width for j in range(len(plens))], ys, width, label=m)
+                # One colour per method across every panel (panels show different subsets of methods).
+                color = f"C{ATTENTION_METHODS.index(m) % 10}"
+                ax.bar([j + i * width for j in range(len(plens))], ys, width, label=m, color=color)
             for j, p in enumerate(plens):
                 if (shape, p, mode) in tgt:
                     ax.hlines(tgt[(shape, p, mode)], j - width / 2, j + 0.8 - width / 2, colors="k",
@@ -189,8 +191,7 @@ def attention_plot(records: list[dict], path: Path) -> Optional[Path]:
             s0 = srows[0]
             ax.set_title(f"{shape} {mode}: B={s0['B']} Hq={s0['Hq']} Hkv={s0['Hkv']} S={s0['S']} D={s0['D']}",
                          fontsize=9)
-            if row == 0 and col == 0:
-                ax.legend(fontsize=7)
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -94,11 +94,22 @@ class Rule:
                 and self.min_batch <= batch <= self.max_batch and self.min_keys <= keys <= self.max_keys)
 
 
-# ==== MEASURED-PREFERENCE TABLE: fill from the H200 results (benchmarks/results), e.g.
-#      Rule(max_seqlen_q=1, min_batch=32)  # CUDA x% faster than Triton at B >= 32, Sq = 1 (date, file)
-# Empty until both backends have been measured on the same shapes: "auto" keeps Triton meanwhile.
+# Measured preference (H200, bf16, Hq=32, Hkv=8, D=128, Sq=1, CUDA-graph timing, 2026-11-30,
+# benchmarks/results/h200-2026-11-30/decode.json). CUDA vs Triton, microseconds:
+#   B=1   Sk=256  P=16/128/512:   9.8/10.0/12.6  vs  7.9/7.9/8.7      (Triton 1.2-1.4x faster)
+#   B=1   Sk=2048 P=16/128/512:  19.2/20.2/20.1  vs  9.4/9.6/9.5      (Triton ~2x faster)
+#   B=128 Sk=256  P=16/128/512:  55.4/61.3/93.9  vs 44.8/47.0/47.9    (Triton 1.2-2.0x faster)
+#   B=128 Sk=2048 P=16/128/512: 283.6/289.7/323.3 vs 252.0/256.8/252.9 (Triton 1.1-1.3x faster)
+#   paged (page 16): Triton faster at 10 of 12 points (e.g. B=128 Sk=256 P=512: 76.4 vs 109.4); CUDA
+#   faster only at B=1 Sk=256 P=128/512: 11.3 vs 12.9 and 14.8 vs 15.7 (384 and 768 keys).
+# So "auto" picks CUDA only for that paged B=1 corner (the rule below, limited to what was measured);
+# backend="cuda" runs it anywhere it is supported.
+# Why it loses (see NOTES.md, "CUDA decode kernels"): one 128-thread block per (sequence, KV head, split)
+# with K/V streamed straight from global memory keeps too few bytes in flight per SM at 2 blocks/SM.
 PREFERRED: tuple[Rule, ...] = ()
-PREFERRED_PAGED: tuple[Rule, ...] = ()
+PREFERRED_PAGED: tuple[Rule, ...] = (
+    Rule(dtypes=(torch.bfloat16,), head_dims=(128,), max_seqlen_q=1, max_batch=1, min_keys=384, max_keys=768),
+)
 
 
 def preferred(problem: Problem) -> bool:
