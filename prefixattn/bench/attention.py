@@ -336,38 +336,19 @@ def outputs(method: Method, st: InputSet, backward: bool):
 # ---------------------------------------------------------------------------------------------- the run
 
 
-class Bench:
+class Bench(timing.BenchRun):
     def __init__(self, args, device, dtype, writer: ResultWriter, deadline: Deadline, progress: Progress):
+        super().__init__(writer, deadline, progress)
         self.args, self.device, self.dtype = args, device, dtype
-        self.writer, self.deadline, self.progress = writer, deadline, progress
         self.smoke = args.smoke
-        self.stopped = False
 
     # -- bookkeeping
-    def record(self, **rec) -> dict:
-        return self.writer.add(rec)
-
-    def out_of_time(self, what: str) -> bool:
-        if self.stopped:
-            return True
-        if self.deadline.expired(reserve_s=5.0):
-            self.stopped = True
-            self.record(kind="skipped", reason="time budget spent", next=what, elapsed_s=self.deadline.elapsed())
-            self.progress.note(f"time budget spent; skipping the rest (next was {what})")
-            return True
-        return False
 
     def timer(self, fns):
         if self.smoke:
             return timing.time_fns(fns, self.device, warmup_ms=1, rep_ms=5, min_reps=3)
         return timing.time_fns(fns, self.device, warmup_ms=self.args.warmup_ms, rep_ms=self.args.rep_ms)
 
-    def fail(self, exc: BaseException, **where) -> None:
-        self.record(kind="error", error=error_text(exc), **where)
-        self.progress.note(f"ERROR {where}: {error_text(exc, 200)}")
-        if timing.is_fatal_cuda_error(exc):
-            self.stopped = True
-            raise SystemExit(f"fatal CUDA error, stopping: {error_text(exc)}")
 
     # -- one method at one (shape, P)
     def pick(self, candidates: list[Method], st: InputSet, ref, backward: bool, **where):

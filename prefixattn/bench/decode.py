@@ -76,12 +76,11 @@ class Group:
     seq_lens: torch.Tensor
 
 
-class Bench:
+class Bench(timing.BenchRun):
     def __init__(self, args, cfg: Config, device, dtype, writer: ResultWriter, deadline: Deadline,
                  progress: Progress):
+        super().__init__(writer, deadline, progress)
         self.args, self.cfg, self.device, self.dtype = args, cfg, device, dtype
-        self.writer, self.deadline, self.progress = writer, deadline, progress
-        self.stopped = False
         self.copy_TBps = ANCHOR_COPY_TBPS
         self.copy_source = "anchor"
         import prefixattn
@@ -90,25 +89,7 @@ class Bench:
         self.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
         self.has_paged = hasattr(prefixattn, "prefix_attention_paged")
 
-    def record(self, **rec) -> dict:
-        return self.writer.add(rec)
 
-    def out_of_time(self, what: str) -> bool:
-        if self.stopped:
-            return True
-        if self.deadline.expired(reserve_s=5.0):
-            self.stopped = True
-            self.record(kind="skipped", reason="time budget spent", next=what, elapsed_s=self.deadline.elapsed())
-            self.progress.note(f"time budget spent; skipping the rest (next was {what})")
-            return True
-        return False
-
-    def fail(self, exc: BaseException, **where) -> None:
-        self.record(kind="error", error=error_text(exc), **where)
-        self.progress.note(f"ERROR {where}: {error_text(exc, 200)}")
-        if timing.is_fatal_cuda_error(exc):
-            self.stopped = True
-            raise SystemExit(f"fatal CUDA error, stopping: {error_text(exc)}")
 
     def timer(self, fns):
         if not timing.is_cuda(self.device):

@@ -34,7 +34,7 @@ from typing import Callable, Optional
 import torch
 
 from . import report, timing
-from .timing import Deadline, Progress, ResultWriter, error_text
+from .timing import Deadline, Progress, ResultWriter
 
 PHASES = ("train", "generate", "serve", "kvbudget")
 TINYLLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
@@ -175,25 +175,14 @@ def peak_gb(device) -> Optional[float]:
 # ---------------------------------------------------------------------------------------------- the run
 
 
-class Bench:
+class Bench(timing.BenchRun):
+    reserve_s = 10.0
+
     def __init__(self, args, settings: Settings, device, dtype, writer: ResultWriter, deadline: Deadline,
                  progress: Progress):
+        super().__init__(writer, deadline, progress)
         self.args, self.s, self.device, self.dtype = args, settings, device, dtype
-        self.writer, self.deadline, self.progress = writer, deadline, progress
-        self.stopped = False
 
-    def record(self, **rec) -> dict:
-        return self.writer.add(rec)
-
-    def out_of_time(self, what: str) -> bool:
-        if self.stopped:
-            return True
-        if self.deadline.expired(reserve_s=10.0):
-            self.stopped = True
-            self.record(kind="skipped", reason="time budget spent", next=what, elapsed_s=self.deadline.elapsed())
-            self.progress.note(f"time budget spent; skipping the rest (next was {what})")
-            return True
-        return False
 
     def attempt(self, what: dict, fn: Callable[[], Optional[dict]]) -> Optional[dict]:
         """Run one method; on failure record why (unavailable API, OOM, ...) and free memory."""
@@ -206,11 +195,7 @@ class Bench:
                 return fn()
         except Exception as exc:  # noqa: BLE001 - record, free, go on with the next method
             kind = "unavailable" if isinstance(exc, (ImportError, AttributeError, NotImplementedError)) else "error"
-            self.record(kind=kind, **what, error=error_text(exc, 600))
-            self.progress.note(f"{label}: {kind}: {error_text(exc, 200)}")
-            if timing.is_fatal_cuda_error(exc):
-                self.stopped = True
-                raise SystemExit(f"fatal CUDA error, stopping: {error_text(exc)}")
+            self.fail(exc, kind=kind, limit=600, **what)
             return None
         finally:
             free(self.device)

@@ -455,6 +455,38 @@ class Progress:
         self(message, advance=False)
 
 
+
+class BenchRun:
+    """What every benchmark run shares: the results writer, the time budget, progress lines, and how a
+    failure is recorded (a sticky CUDA error stops the run: nothing on the device works afterwards)."""
+
+    reserve_s = 5.0  # stop this long before the budget ends, so the results are written in time
+
+    def __init__(self, writer: "ResultWriter", deadline: Deadline, progress: "Progress"):
+        self.writer, self.deadline, self.progress = writer, deadline, progress
+        self.stopped = False
+
+    def record(self, **rec) -> dict:
+        return self.writer.add(rec)
+
+    def out_of_time(self, what: str) -> bool:
+        if self.stopped:
+            return True
+        if self.deadline.expired(reserve_s=self.reserve_s):
+            self.stopped = True
+            self.record(kind="skipped", reason="time budget spent", next=what, elapsed_s=self.deadline.elapsed())
+            self.progress.note(f"time budget spent; skipping the rest (next was {what})")
+            return True
+        return False
+
+    def fail(self, exc: BaseException, kind: str = "error", limit: int = 400, **where) -> None:
+        self.record(kind=kind, **where, error=error_text(exc, limit))
+        label = " ".join(f"{k}={v}" for k, v in where.items())
+        self.progress.note(f"{kind.upper() if kind == 'error' else kind} {label}: {error_text(exc, 200)}")
+        if is_fatal_cuda_error(exc):
+            self.stopped = True
+            raise SystemExit(f"fatal CUDA error, stopping: {error_text(exc)}")
+
 def print_estimates(label: str, estimates: dict, stream=None) -> None:
     """Print each phase's expected wall time before starting (the GPU lease is short)."""
     stream = stream if stream is not None else sys.stderr
