@@ -23,6 +23,7 @@ from ..tuning.config import PrefixTuningConfig
 from ..tuning.store import PrefixStore
 from ..validation import BACKENDS
 from . import attention as attn
+from . import positions
 from .families import entry_modules, find_sites
 
 STORE_NAME = "prefix_tuning"  # the registered child module holding the adapters (as in adapters)
@@ -89,6 +90,7 @@ def init(model: PreTrainedModel, backend: str = "auto") -> PreTrainedModel:
         entry.__dict__[attn.STORE_ATTR] = store
         entry.register_forward_pre_hook(_entry_pre_hook, with_kwargs=True)
         entry.register_forward_hook(_entry_post_hook, with_kwargs=True, always_call=True)
+    positions.install(model, store)  # GPT-2 / BART: adapters may shift real-token positions (PEFT imports)
     for name, fn in _METHODS.items():
         setattr(model, name, types.MethodType(fn, model))
     return model
