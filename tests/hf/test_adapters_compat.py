@@ -275,3 +275,25 @@ def test_bad_checkpoints_fail_clearly_and_change_nothing(case, error, match, tmp
     assert get_store(model).names() == names and get_store(model).active == ["keep"]
     now = model.state_dict()
     assert now.keys() == state.keys() and all(torch.equal(now[k], state[k]) for k in state)
+
+
+# -- a checkpoint written by the real adapters 1.3.0 -------------------------------------------------------
+def test_real_adapters_130_checkpoint(tmp_path):
+    """tests/hf/fixtures/adapters130_llama: written by adapters 1.3.0 on transformers 4.57.6 (GQA Llama,
+    leave_out=[1], separate K/V gates, MLP form) with its eager forward logits; make_adapters_fixture.py
+    regenerates it."""
+    import os
+
+    import transformers as tf
+
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "adapters130_llama")
+    ref = torch.load(os.path.join(here, "reference.pt"), weights_only=True)
+    model = tf.LlamaForCausalLM(tf.LlamaConfig(**ref["config"])).eval()
+    model.load_state_dict(ref["base_state"])
+    prefixattn.init(model)
+    assert prefixattn.load_adapters_prefix(model, here, set_active=True) == "real"
+    assert get_store(model).get("real").rows == {"self_prefix": (0, 2)}
+    with torch.no_grad():
+        out = model(input_ids=ref["input_ids"]).logits
+    assert (out - ref["logits"]).abs().max().item() <= TOL
+    assert (ref["plain"] - ref["logits"]).abs().max().item() > 0.1
