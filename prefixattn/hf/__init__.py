@@ -1,4 +1,5 @@
-"""transformers integration: the "prefixattn" attention implementation, init(model), per-family facts."""
+"""transformers integration: the "prefixattn" attention implementation, init(model), per-family facts, and
+importers / exporters for PEFT and adapters (AdapterHub) prefix-tuning checkpoints."""
 
 from .attention import CONTEXT_KWARG, NAME, LightMask, prefixattn_attention, prefixattn_mask, register
 from .families import SUPPORTED_MODEL_TYPES, Site, UnsupportedModelError, find_sites
@@ -8,5 +9,6 @@ from .peft_compat import load_peft_prefix, save_peft_prefix
 
 __all__ = [
     "init", "load_peft_prefix", "save_peft_prefix", "load_adapters_prefix", "get_store", "get_flat_prefix",
-    "set_flat_prefix", "register", "NAME", "CONTEXT_KWARG", "LightMask", "prefixattn_attention", "prefixattn_mask", "find_sites", "Site", "SUPPORTED_MODEL_TYPES", "UnsupportedModelError",
+    "set_flat_prefix", "register", "NAME", "CONTEXT_KWARG", "LightMask", "prefixattn_attention", "prefixattn_mask",
+    "find_sites", "Site", "SUPPORTED_MODEL_TYPES", "UnsupportedModelError",
 ]

@@ -372,3 +372,29 @@ def test_t5_peft_frame_needs_a_single_adapter(tmp_path):
     kw, _ = batch("t5")
     with pytest.raises(ValueError, match="single active adapter"):
         model(**kw, prefix_choice=["imp", "plain", "imp"])
+
+
+# -- the kernels ---------------------------------------------------------------------------------------------
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter test is for CPU runs")
+def test_t5_peft_frame_through_the_triton_interpreter(tmp_path):
+    # T5 in PEFT's frame hands the kernel the prefix as leading sequence keys with a bias on every column and
+    # bottom-right causal alignment over P + S keys. Head dim 16: tl.dot needs dimensions >= 16.
+    pytest.importorskip("prefixattn.kernels.triton_fwd")
+    base, pm, path = _saved_peft(tmp_path, "t5", d_model=64, d_kv=16)  # PEFT needs heads * d_kv == d_model
+    model = _imported(base, path)
+    prefixattn.init(model, backend="triton")
+    kw, real = batch("t5", b=2, s=5)
+    assert _max_diff(_logits(model, kw), _logits(pm, kw), real) <= 1e-4  # fp32 kernel vs PEFT's sdpa
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bart", "t5"])
+def test_import_on_gpu_kernels_matches_peft(family, tmp_path):
+    base, pm, path = _saved_peft(tmp_path, family)
+    model = _imported(base, path).cuda()
+    pm = pm.cuda()
+    kw, real = batch(family)
+    kw = {k: v.cuda() for k, v in kw.items()}
+    out, ref = _logits(model, kw), _logits(pm, kw)  # backend "auto": the kernels
+    real = real.cuda()
+    assert _max_diff(out, ref, real) <= 2e-3  # fp32 on the kernels (TF32-free tolerance of tests/helpers.py)
