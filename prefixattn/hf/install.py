@@ -196,6 +196,7 @@ def add_adapter(self, adapter_name: str, config=None, overwrite_ok: bool = False
     """
     store = get_store(self)
     config = PrefixTuningConfig.coerce(config)
+    positions.check_metadata(self, metadata, "add_adapter")
     if overwrite_ok and isinstance(adapter_name, str) and adapter_name in store.adapters:
         from ..tuning.adapter import PrefixAdapter
 
@@ -251,6 +252,7 @@ def load_adapter(self, adapter_name_or_path: str, load_as: Optional[str] = None,
     store = get_store(self)
     adapter = tuning_io.read_adapter(adapter_name_or_path, store.geometry, name=load_as)
     store.check_new_name(adapter.name)
+    positions.check_metadata(self, adapter.metadata, "load_adapter")
     adapter = adapter.to(_model_device(store))
     adapter.train(self.training)
     store.insert(adapter)

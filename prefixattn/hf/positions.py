@@ -79,6 +79,20 @@ def check_offset(value, where: str) -> int:
     return value
 
 
+def check_metadata(model, metadata, who: str) -> None:
+    """A position_offset must be a non-negative int, and only families with an offset hook honour it."""
+    if not metadata or METADATA_KEY not in metadata:
+        return
+    offset = check_offset(metadata[METADATA_KEY], who)
+    if offset and not supports_offset(model):
+        raise ValueError(
+            f"{who}: metadata[{METADATA_KEY!r}] = {offset}, but {type(model).__name__} (model type "
+            f"{getattr(model.config, 'model_type', None)!r}) has no position offset; it is honoured for "
+            f"{', '.join(OFFSET_MODEL_TYPES)}. RoPE models reach PEFT's position frame by rotating the prefix keys "
+            f"by -P instead (load_peft_prefix does it)"
+        )
+
+
 def adapter_offset(adapter) -> int:
     return check_offset(adapter.metadata.get(METADATA_KEY, 0), f"adapter {adapter.name!r}")
 

@@ -398,3 +398,14 @@ def test_import_on_gpu_kernels_matches_peft(family, tmp_path):
     out, ref = _logits(model, kw), _logits(pm, kw)  # backend "auto": the kernels
     real = real.cuda()
     assert _max_diff(out, ref, real) <= 2e-3  # fp32 on the kernels (TF32-free tolerance of tests/helpers.py)
+
+
+@pytest.mark.parametrize("family,offset,match", [("llama", 3, "no position offset"), ("gpt2", -1, "non-negative"),
+                                                  ("gpt2", "3", "non-negative")])
+def test_position_offset_metadata_is_checked(family, offset, match):
+    model = build(family)
+    prefixattn.init(model)
+    with pytest.raises(ValueError, match=match):
+        model.add_adapter("a", config=PrefixTuningConfig(prefix_length=2, bottleneck_size=8),
+                          metadata={"position_offset": offset})
+    assert get_store(model).names() == []
