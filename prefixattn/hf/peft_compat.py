@@ -114,9 +114,10 @@ def _position_plan(model, positions: str, p: int, who: str):
         window = _sliding_window(model.config)
         note = None
         if window:
-            note = (f"{who}: {type(model).__name__} uses a sliding window of {window}; PEFT's prefix falls out of "
-                    f"the window after {window} tokens while prefixattn's stays visible, so logits match PEFT only "
-                    f"for sequences shorter than the window")
+            note = (f"{who}: {type(model).__name__} uses a sliding window of {window}; PEFT's prefix sits at "
+                    f"positions 0..{p - 1} and leaves the window as the sequence grows, while prefixattn's stays "
+                    f"visible, so logits match PEFT only for the first {max(window - p, 0)} tokens (padding "
+                    f"included)")
         return -p, 0, note
     if model_type in OFFSET_TYPES:
         return None, p, None
@@ -154,6 +155,8 @@ def read_peft_checkpoint(path, geometry, who: str = "load_peft_prefix") -> tuple
 
     seq2seq = _is_seq2seq(geometry)
     model = f"{geometry.model_class} ({geometry.model_type})"
+    if SELF not in geometry.locations:
+        raise ValueError(f"{who}: {model} has no decoder self-attention, the only place PEFT puts a prefix")
     if seq2seq and submodules != 2:
         raise ValueError(f"{who}: the checkpoint has num_transformer_submodules={submodules} (task_type "
                          f"{cfg.get('task_type')!r}), a decoder-only layout, but {model} is an encoder-decoder "
@@ -260,8 +263,9 @@ def _export_prefix(model, adapter: PrefixAdapter, positions: str, who: str) -> T
         prefix[:, 0] = rotate_keys(prefix[:, 0], inv_freq, p)
         window = _sliding_window(model.config)
         if window:
-            warnings.warn(f"{who}: with a sliding window of {window}, PEFT's prefix falls out of the window; the "
-                          f"export matches prefixattn only for sequences shorter than the window", stacklevel=3)
+            warnings.warn(f"{who}: with a sliding window of {window}, PEFT's prefix leaves the window as the "
+                          f"sequence grows; the export matches prefixattn only for the first {max(window - p, 0)} "
+                          f"tokens (padding included)", stacklevel=3)
     elif model_type in OFFSET_TYPES:
         offset = pos.adapter_offset(adapter)
         if offset != p:

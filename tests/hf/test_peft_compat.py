@@ -409,3 +409,19 @@ def test_position_offset_metadata_is_checked(family, offset, match):
         model.add_adapter("a", config=PrefixTuningConfig(prefix_length=2, bottleneck_size=8),
                           metadata={"position_offset": offset})
     assert get_store(model).names() == []
+
+
+def test_sliding_window_import_warns(tmp_path):
+    base, pm, path = _saved_peft(tmp_path, "mistral", sliding_window=6)
+    model = copy.deepcopy(base)
+    prefixattn.init(model)
+    with pytest.warns(UserWarning, match="sliding window of 6"):
+        prefixattn.load_peft_prefix(model, path, "imp", set_active=True)
+    # While PEFT's prefix is inside its window (window - P = 3 tokens) the logits still match; after that, not.
+    ids = torch.randint(3, 90, (2, 6), generator=torch.Generator().manual_seed(3))
+    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
+    out, ref = _logits(model, kw), _logits(pm, kw)
+    inside = torch.zeros(ids.shape, dtype=torch.bool)
+    inside[:, :3] = True
+    assert _max_diff(out, ref, inside) <= TOL
+    assert _max_diff(out, ref, ~inside) > 1e-3
