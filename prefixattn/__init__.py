@@ -9,13 +9,16 @@ from .tuning import PrefixTuningConfig
 __version__ = "0.1.0"
 
 __all__ = ["prefix_attention", "prefix_attention_paged", "prefix_attention_reference", "PrefixAttention",
-           "PrefixTuningConfig", "init", "__version__"]
+           "PrefixTuningConfig", "init", "load_peft_prefix", "save_peft_prefix", "load_adapters_prefix",
+           "__version__"]
+
+# These live in prefixattn.hf, which imports transformers: load it on first use only.
+_HF_EXPORTS = ("init", "load_peft_prefix", "save_peft_prefix", "load_adapters_prefix")
 
 
 def __getattr__(name):
-    # prefixattn.init(model) lives in prefixattn.hf, which imports transformers: load it on first use only.
-    if name == "init":
-        from .hf import init
+    if name in _HF_EXPORTS:
+        from . import hf
 
-        return init
+        return getattr(hf, name)
     raise AttributeError(f"module 'prefixattn' has no attribute {name!r}")

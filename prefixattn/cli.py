@@ -10,7 +10,8 @@ commands:
   check   run every available backend on small problems against the float64 reference
   bench   benchmarks: prefixattn bench [attention|decode|e2e|summary] [options] (attention by default;
           real numbers need a GPU, --smoke runs tiny shapes on the CPU)
-  demo    prefix-tune a small model end to end: train, eject, save, reload, generate
+  demo    prefix-tune a small model end to end (about a minute on a CPU): train, eject, save, reload,
+          generate, and the KV-cache bytes a shared prefix saves; prefixattn demo --help for options
 """
 
 
@@ -24,6 +25,8 @@ def main(argv=None) -> int:
         from .check import main as run
     elif command == "bench":
         from .bench import run
+    elif command == "demo":
+        from .demo import main as run
     else:
         print(f"prefixattn: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2

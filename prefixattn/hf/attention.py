@@ -29,6 +29,7 @@ CONTEXT_KWARG = "prefixattn_context"
 SITE_ATTR = "_prefixattn_site"  # (location, global layer id), set on each prefixable attention module
 STORE_ATTR = "_prefixattn_store"
 HIDDEN_ATTR = "_prefixattn_hidden"  # the attention input, captured only while a gated adapter exists
+T5_BIAS_ATTR = "_prefixattn_t5_bias_source"  # T5 decoder self-attention: see prefixattn.hf.positions
 
 
 class LightMask:
@@ -154,6 +155,10 @@ def prefixattn_attention(module, query: Tensor, key: Tensor, value: Tensor, atte
     if ctx is not None and site is not None:
         prefix = ctx.layer_prefix(site[0], site[1], dtype=query.dtype, batch=query.shape[0],
                                   hidden_states=module.__dict__.pop(HIDDEN_ATTR, None))
+    if prefix is not None and T5_BIAS_ATTR in module.__dict__:
+        from .positions import t5_prefix_columns  # T5 in PEFT's position frame (prefix columns get a bias)
+
+        key, value, kpm, bias, prefix = t5_prefix_columns(module, store, query, key, value, kpm, bias, prefix)
     pk, pv, pidx, plen = prefix if prefix is not None else (None, None, None, None)
     out = prefix_attention(
         query, key, value, pk, pv, prefix_index=pidx, prefix_lengths=plen, causal=causal, key_padding_mask=kpm,

@@ -23,6 +23,7 @@ from ..tuning.config import PrefixTuningConfig
 from ..tuning.store import PrefixStore
 from ..validation import BACKENDS
 from . import attention as attn
+from . import positions
 from .families import entry_modules, find_sites
 
 STORE_NAME = "prefix_tuning"  # the registered child module holding the adapters (as in adapters)
@@ -89,6 +90,7 @@ def init(model: PreTrainedModel, backend: str = "auto") -> PreTrainedModel:
         entry.__dict__[attn.STORE_ATTR] = store
         entry.register_forward_pre_hook(_entry_pre_hook, with_kwargs=True)
         entry.register_forward_hook(_entry_post_hook, with_kwargs=True, always_call=True)
+    positions.install(model, store)  # GPT-2 / BART: adapters may shift real-token positions (PEFT imports)
     for name, fn in _METHODS.items():
         setattr(model, name, types.MethodType(fn, model))
     return model
@@ -194,6 +196,7 @@ def add_adapter(self, adapter_name: str, config=None, overwrite_ok: bool = False
     """
     store = get_store(self)
     config = PrefixTuningConfig.coerce(config)
+    positions.check_metadata(self, metadata, "add_adapter")
     if overwrite_ok and isinstance(adapter_name, str) and adapter_name in store.adapters:
         from ..tuning.adapter import PrefixAdapter
 
@@ -249,6 +252,7 @@ def load_adapter(self, adapter_name_or_path: str, load_as: Optional[str] = None,
     store = get_store(self)
     adapter = tuning_io.read_adapter(adapter_name_or_path, store.geometry, name=load_as)
     store.check_new_name(adapter.name)
+    positions.check_metadata(self, adapter.metadata, "load_adapter")
     adapter = adapter.to(_model_device(store))
     adapter.train(self.training)
     store.insert(adapter)
