@@ -23,11 +23,9 @@ requires grad: it is what prefix tuning trains). Run: python benchmarks/bench_at
 from __future__ import annotations
 
 import argparse
-import tempfile
 import math
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -563,28 +561,12 @@ def main(argv=None) -> int:
         phases.remove("flex")
     est = QUICK_ESTIMATES if args.quick else ESTIMATES
     timing.print_estimates("attention", {p: est[p] for p in phases})
-    out_dir = Path(args.out or (Path(tempfile.gettempdir()) / "prefixattn-smoke" if args.smoke else "benchmarks/results"))
+    out_dir = timing.results_dir(args.out, args.smoke)
     writer = ResultWriter(out_dir / "attention.json", timing.environment(device, argv))
-    progress = Progress("attention")
-    bench = Bench(args, device, dtype, writer, Deadline(args.budget_s), progress)
-    try:  # tiny CPU shapes: threads only add scheduling noise
-        with timing.cpu_threads(1 if device.type == "cpu" else None):
-            bench.run(phases)
-    except SystemExit as exc:
-        print(str(exc), file=sys.stderr)
-    for t in report.attention_targets(writer.records):
-        writer.add(t)
-    table = report.attention_table(writer.records)
-    (out_dir / "attention.txt").write_text(table)
-    print(table)
-    try:  # a plotting problem must not cost the measurements
-        png = report.attention_plot(writer.records, out_dir / "attention.png")
-    except Exception as exc:  # noqa: BLE001
-        png = None
-        print(f"no plot: {error_text(exc)}", file=sys.stderr)
-    if png:
-        print(f"wrote {out_dir / 'attention.json'}, {png}", file=sys.stderr)
-    return 1 if any(r.get("kind") == "error" for r in writer.records) else 0
+    bench = Bench(args, device, dtype, writer, Deadline(args.budget_s), Progress("attention"))
+    timing.run_phases(bench, phases, 1 if device.type == "cpu" else None)  # tiny CPU shapes: threads add noise
+    return timing.finish_run("attention", writer, out_dir, report.attention_targets, report.attention_table,
+                             report.attention_plot)
 
 
 if __name__ == "__main__":

@@ -17,10 +17,8 @@ Bandwidth is counted on the bytes a shared prefix must read: (B*Sk + P) * Hkv * 
 from __future__ import annotations
 
 import argparse
-import tempfile
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -217,7 +215,6 @@ class Bench(timing.BenchRun):
         kcs = [torch.cat([pk.unsqueeze(0).expand(batch, -1, -1, -1), k], dim=2) for pk, k in zip(pks, g.k)]
         vcs = [torch.cat([pv.unsqueeze(0).expand(batch, -1, -1, -1), v], dim=2) for pv, v in zip(pvs, g.v)]
         calls = [self.methods(g, i, pks[i], pvs[i], kcs[i], vcs[i]) for i in range(n_sets)]
-        seq_kv = timing.kv_bytes(batch * seqlen, c.heads_kv, c.head_dim, dt.itemsize)
         shared_kv = timing.decode_bytes_shared(batch, seqlen, plen, c.heads_kv, c.head_dim, dt.itemsize)
         concat_kv = timing.decode_bytes_concat(batch, seqlen, plen, c.heads_kv, c.head_dim, dt.itemsize)
         where = dict(B=batch, Sk=seqlen, P=plen)
@@ -299,27 +296,12 @@ def main(argv=None) -> int:
         print(f"--phases: unknown {sorted(set(phases) - set(PHASES))}; expected {','.join(PHASES)}", file=sys.stderr)
         return 2
     timing.print_estimates("decode", {p: (QUICK_ESTIMATES if args.quick else ESTIMATES)[p] for p in phases})
-    out_dir = Path(args.out or (Path(tempfile.gettempdir()) / "prefixattn-smoke" if args.smoke else "benchmarks/results"))
+    out_dir = timing.results_dir(args.out, args.smoke)
     writer = ResultWriter(out_dir / "decode.json", timing.environment(device, argv))
     bench = Bench(args, cfg, device, dtype, writer, Deadline(args.budget_s), Progress("decode"))
-    try:
-        with timing.cpu_threads(1 if device.type == "cpu" else None):
-            bench.run(phases)
-    except SystemExit as exc:
-        print(str(exc), file=sys.stderr)
-    for t in report.decode_targets(writer.records):
-        writer.add(t)
-    table = report.decode_table(writer.records)
-    (out_dir / "decode.txt").write_text(table)
-    print(table)
-    try:  # a plotting problem must not cost the measurements
-        png = report.decode_plot(writer.records, out_dir / "decode.png")
-    except Exception as exc:  # noqa: BLE001
-        png = None
-        print(f"no plot: {error_text(exc)}", file=sys.stderr)
-    if png:
-        print(f"wrote {out_dir / 'decode.json'}, {png}", file=sys.stderr)
-    return 1 if any(r.get("kind") == "error" for r in writer.records) else 0
+    timing.run_phases(bench, phases, 1 if device.type == "cpu" else None)
+    return timing.finish_run("decode", writer, out_dir, report.decode_targets, report.decode_table,
+                             report.decode_plot)
 
 
 if __name__ == "__main__":

@@ -24,11 +24,9 @@ import argparse
 import gc
 import inspect
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -499,21 +497,12 @@ def main(argv=None) -> int:
         print(f"--phases: unknown {sorted(set(phases) - set(PHASES))}; expected {','.join(PHASES)}", file=sys.stderr)
         return 2
     timing.print_estimates("e2e", estimates(settings, phases))
-    out_dir = Path(args.out or (Path(tempfile.gettempdir()) / "prefixattn-smoke" if args.smoke else "benchmarks/results"))
+    out_dir = timing.results_dir(args.out, args.smoke)
     writer = ResultWriter(out_dir / "e2e.json", timing.environment(device, argv))
     writer.add(dict(kind="e2e_settings", **{k: v for k, v in settings.__dict__.items()}))
     bench = Bench(args, settings, device, dtype, writer, Deadline(args.budget_s), Progress("e2e"))
-    try:
-        with timing.cpu_threads(2 if device.type == "cpu" else None):
-            bench.run(phases)
-    except SystemExit as exc:
-        print(str(exc), file=sys.stderr)
-    for t in report.e2e_targets(writer.records):
-        writer.add(t)
-    table = report.e2e_table(writer.records)
-    (out_dir / "e2e.txt").write_text(table)
-    print(table)
-    return 1 if any(r.get("kind") == "error" for r in writer.records) else 0
+    timing.run_phases(bench, phases, 2 if device.type == "cpu" else None)
+    return timing.finish_run("e2e", writer, out_dir, report.e2e_targets, report.e2e_table)
 
 
 if __name__ == "__main__":

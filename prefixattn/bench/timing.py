@@ -19,6 +19,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -493,3 +494,40 @@ def print_estimates(label: str, estimates: dict, stream=None) -> None:
     parts = ", ".join(f"{k} ~{v:.0f}s" for k, v in estimates.items())
     print(f"[{label}] phases and H200 estimates: {parts} (total ~{sum(estimates.values()):.0f}s)", file=stream,
           flush=True)
+
+
+def results_dir(out: Optional[str], smoke: bool) -> Path:
+    """--out, else benchmarks/results; a smoke run writes to a temporary directory so CPU numbers never
+    overwrite GPU results."""
+    if out:
+        return Path(out)
+    return Path(tempfile.gettempdir()) / "prefixattn-smoke" if smoke else Path("benchmarks/results")
+
+
+def run_phases(bench, phases, cpu_threads_n: Optional[int]) -> None:
+    """Run a benchmark's phases; a fatal CUDA error (SystemExit from BenchRun.fail) ends the run, not the
+    script, so everything measured until then is still reported."""
+    try:
+        with cpu_threads(cpu_threads_n):
+            bench.run(phases)
+    except SystemExit as exc:
+        print(str(exc), file=sys.stderr)
+
+
+def finish_run(name: str, writer: "ResultWriter", out_dir: Path, targets, table, plot=None) -> int:
+    """Add the target verdicts, write and print NAME.txt, draw NAME.png; exit code 1 if anything failed."""
+    for t in targets(writer.records):
+        writer.add(t)
+    text = table(writer.records)
+    (out_dir / f"{name}.txt").write_text(text)
+    print(text)
+    if plot is not None:
+        try:  # a plotting problem must not cost the measurements
+            png = plot(writer.records, out_dir / f"{name}.png")
+        except Exception as exc:  # noqa: BLE001
+            png = None
+            print(f"no plot: {error_text(exc)}", file=sys.stderr)
+        if png:
+            print(f"wrote {out_dir / (name + '.json')}, {png}", file=sys.stderr)
+    return 1 if any(r.get("kind") == "error" for r in writer.records) else 0
+
