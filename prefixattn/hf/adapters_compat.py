@@ -21,6 +21,7 @@ import torch
 
 from ..tuning.adapter import LOCATIONS, PrefixAdapter
 from ..tuning.config import PrefixTuningConfig
+from ..tuning.io import load_checked_state
 from . import attention as attn
 from .checkpoint_files import find_weights, read_json, read_tensors, require_dir
 from .install import get_store
@@ -184,20 +185,8 @@ def read_adapters_checkpoint(model, path, adapter_name: Optional[str]) -> Prefix
             raise ValueError(f"{WHO}: the checkpoint has a gate at {module!r}, which is no attention module of this "
                              f"{here}; it was made for another model ({made_for})")
         state[f"gates.{site[0]}_{site[1]}.linear.{param}"] = t
-    expected = adapter.state_dict()
-    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or extra:
-        raise ValueError(f"{WHO}: the checkpoint's tensors do not match its config on this {here} (missing {missing}, "
-                         f"unexpected {extra})")
-    for key, t in state.items():
-        if tuple(t.shape) != tuple(expected[key].shape):
-            raise ValueError(f"{WHO}: tensor {key!r} has shape {list(t.shape)}, expected {list(expected[key].shape)} "
-                             f"for this {here}; it was made for another model ({made_for})")
-        if not t.is_floating_point():
-            raise ValueError(f"{WHO}: tensor {key!r} has dtype {t.dtype}, expected a floating dtype")
-    with torch.no_grad():
-        adapter.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
-    return adapter
+    return load_checked_state(adapter, state, who=WHO, model=here,
+                              origin=f"; it was made for another model ({made_for})")
 
 
 def load_adapters_prefix(model, path, adapter_name: Optional[str] = None, *, set_active: bool = False) -> str:

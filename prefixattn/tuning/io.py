@@ -129,19 +129,24 @@ def read_adapter(directory: str, geometry: ModelGeometry, name: Optional[str] = 
     if planned != rows:
         raise ValueError(f"load_adapter: the checkpoint's prefixed layers {rows} differ from what its config gives "
                          f"on this {geometry.model_class}: {planned}")
+    return load_checked_state(adapter, tensors, who="load_adapter", model=geometry.model_class)
+
+
+def load_checked_state(adapter: PrefixAdapter, state: dict, *, who: str, model: str, origin: str = "") -> PrefixAdapter:
+    """Load `state` into a freshly built adapter after checking every name, shape and dtype against it, so a
+    checkpoint that does not fit fails before anything is loaded. `origin` adds where the checkpoint came from."""
     expected = adapter.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"load_adapter: tensor names do not match the config (missing {missing}, unexpected "
-                         f"{unexpected})")
+        raise ValueError(f"{who}: the checkpoint's tensors do not match its config on this {model} (missing "
+                         f"{missing}, unexpected {unexpected})")
     for key, want in expected.items():
-        got = tensors[key]
+        got = state[key]
         if tuple(got.shape) != tuple(want.shape):
-            raise ValueError(f"load_adapter: tensor {key!r} has shape {list(got.shape)} in the checkpoint, expected "
-                             f"{list(want.shape)} for this {geometry.model_class}")
+            raise ValueError(f"{who}: tensor {key!r} has shape {list(got.shape)} in the checkpoint, expected "
+                             f"{list(want.shape)} for this {model}{origin}")
         if not got.is_floating_point():
-            raise ValueError(f"load_adapter: tensor {key!r} has dtype {got.dtype}, expected a floating dtype")
+            raise ValueError(f"{who}: tensor {key!r} has dtype {got.dtype}, expected a floating dtype")
     with torch.no_grad():
-        adapter.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()}, strict=True)
+        adapter.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
     return adapter
