@@ -13,7 +13,8 @@
 #   --attn-args A, --decode-args A, --e2e-args A   extra arguments for one benchmark, e.g. "--skip-flex",
 #                    "--phases main,gqa", "--phases train,generate"
 #   --pytest-args A  replaces the default "-q -m gpu --maxfail=10 -rfE -p no:cacheprovider"
-# Environment: OUT (default ./out), PYTHON (default python3), WORK (scratch, default a new /tmp dir), and
+# Environment: OUT (default ./out), PYTHON (default python3), WORK (scratch, default a new /tmp dir),
+# PREFIXATTN_GIT_COMMIT (the commit to record where the tree has no usable .git, as on the device machine), and
 # STEPS, BUDGET, QUICK=1 as alternatives to the flags; CAP_<STEP> (e.g. CAP_TESTS=90) caps one step's seconds.
 #
 # What comes back: $OUT/summary.txt (step status, test result, benchmark tables and targets),

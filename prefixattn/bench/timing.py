@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import platform
 import statistics
 import subprocess
@@ -294,7 +295,9 @@ def git_commit() -> Optional[str]:
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except Exception:  # noqa: BLE001 - no git on the machine, or not a checkout
         return None
-    return (sha + ("+dirty" if dirty else "")) if sha else None
+    if not re.fullmatch(r"[0-9a-f]{40}", sha):  # e.g. a copied tree whose .git holds no commits: "HEAD"
+        return None
+    return sha + ("+dirty" if dirty else "")
 
 
 def source_digest() -> str:
