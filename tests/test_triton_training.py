@@ -163,6 +163,16 @@ def test_empty_prefix_tensor():
     assert got[5].shape == pk.shape and got[6].shape == pv.shape
 
 
+def test_no_query_heads_gives_zero_gradients():
+    """Hq = 0 (a multiple of any Hkv) leaves k and v with elements but no query: their gradients are 0."""
+    q = torch.randn(2, 0, 5, 16, requires_grad=True)
+    k, v = (torch.randn(2, 2, 5, 16, requires_grad=True) for _ in range(2))
+    pk, pv = (torch.randn(2, 3, 16, requires_grad=True) for _ in range(2))
+    prefix_attention(q, k, v, pk, pv, backend="triton").sum().backward()
+    for t in (k, v, pk, pv):
+        assert torch.equal(t.grad, torch.zeros_like(t))
+
+
 def test_rows_with_nothing_to_attend():
     """No prefix (index -1 or valid length 0) and every key padded: output 0, lse -inf, finite zero gradients."""
     case = Case(batch=3, heads_q=2, heads_kv=1, seqlen_q=18, seqlen_k=18, head_dim=32, prefix_len=7, pool=2)
