@@ -21,7 +21,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from ..tuning import io as tuning_io
 from ..tuning.config import PrefixTuningConfig
 from ..tuning.store import PrefixStore
-from ..validation import BACKENDS
+from ..validation import check_backend_name
 from . import attention as attn
 from . import positions
 from .families import entry_modules, find_sites
@@ -51,11 +51,6 @@ def set_flat_prefix(model, name: str, prefixes: dict) -> None:
     get_store(model).set_flat_prefix(name, prefixes)
 
 
-def _check_backend(backend) -> None:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
-
-
 def init(model: PreTrainedModel, backend: str = "auto") -> PreTrainedModel:
     """Prepare `model` for prefix tuning through prefixattn; returns the same model.
 
@@ -64,7 +59,7 @@ def init(model: PreTrainedModel, backend: str = "auto") -> PreTrainedModel:
     """
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"prefixattn.init: expected a transformers PreTrainedModel, got {type(model).__name__}")
-    _check_backend(backend)
+    check_backend_name(backend)
     existing = model._modules.get(STORE_NAME)
     if isinstance(existing, PrefixStore):
         existing.backend = backend
