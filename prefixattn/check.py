@@ -92,7 +92,7 @@ def available_backends(device: torch.device) -> list[str]:
         names.append("triton")
     from .kernels import cuda_backend
 
-    if device.type == "cuda" and getattr(cuda_backend, "extension_loaded", lambda: False)():
+    if device.type == "cuda" and cuda_backend.extension_loaded():
         names.append("cuda")
     return names
 

@@ -188,11 +188,7 @@ def _unsupported(name: str, problem: PagedProblem, q: Tensor, k_cache: Tensor) -
         from .kernels import triton_decode
 
         return triton_decode.unsupported_reason(problem.dtype, problem.head_dim, problem.seqlen_q)
-    cuda = _cuda_module()
-    if not hasattr(cuda, "paged_decode"):
-        return "this build has no CUDA paged decode kernel (prefixattn.kernels.cuda_backend.paged_decode)"
-    reason_fn = getattr(cuda, "unsupported_reason_paged", None)
-    return reason_fn(q, k_cache) if reason_fn is not None else None
+    return _cuda_module().unsupported_reason_paged(q, k_cache)
 
 
 def choose_backend(requested: str, problem: PagedProblem, q: Tensor, k_cache: Tensor, block_table: Tensor,
@@ -209,8 +205,7 @@ def choose_backend(requested: str, problem: PagedProblem, q: Tensor, k_cache: Te
     if problem.device.type != "cuda":
         return "torch"
     if _unsupported("cuda", problem, q, k_cache) is None:
-        preferred = getattr(_cuda_module(), "preferred_paged", None)
-        if preferred is not None and preferred(q, k_cache, block_table, prefix_k):
+        if _cuda_module().preferred_paged(q, k_cache, block_table, prefix_k):
             return "cuda"
     if _unsupported("triton", problem, q, k_cache) is None:
         return "triton"
