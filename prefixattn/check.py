@@ -88,7 +88,7 @@ def available_backends(device: torch.device) -> list[str]:
     from . import kernels
 
     names = ["torch"]
-    if kernels.triton_importable() and (device.type == "cuda" or kernels.triton_interpreting()):
+    if kernels.triton_unavailable_reason(device) is None:
         names.append("triton")
     from .kernels import cuda_backend
 

@@ -180,11 +180,9 @@ def _unsupported(name: str, problem: PagedProblem, q: Tensor, k_cache: Tensor) -
     if problem.dtype == torch.float64:
         return "float64 runs on backend 'torch' only"
     if name == "triton":
-        if not kernels.triton_importable():
-            return "triton is not installed"
-        if problem.device.type != "cuda" and not kernels.triton_interpreting():
-            return (f"the tensors are on {problem.device} and Triton needs a CUDA device "
-                    f"(or TRITON_INTERPRET=1 to run its interpreter on the CPU)")
+        reason = kernels.triton_unavailable_reason(problem.device)
+        if reason is not None:
+            return reason
         from .kernels import triton_decode
 
         return triton_decode.unsupported_reason(problem.dtype, problem.head_dim, problem.seqlen_q)
