@@ -182,6 +182,16 @@ def _model_device(store: PrefixStore) -> torch.device:
     return next(store.__dict__["_probe_module"].parameters()).device
 
 
+def install_adapter(store: PrefixStore, adapter, set_active: bool) -> str:
+    """Put a fully built and checked adapter (loaded or imported) on the model's device and into the store."""
+    adapter = adapter.to(_model_device(store))
+    adapter.train(store.training)
+    store.insert(adapter)
+    if set_active:
+        store.set_active([adapter.name])
+    return adapter.name
+
+
 def add_adapter(self, adapter_name: str, config=None, overwrite_ok: bool = False, set_active: bool = False,
                 metadata: Optional[dict] = None):
     """Add a prefix-tuning adapter (adapters' signature). config: PrefixTuningConfig, dict, preset name or None.
@@ -248,12 +258,7 @@ def load_adapter(self, adapter_name_or_path: str, load_as: Optional[str] = None,
     adapter = tuning_io.read_adapter(adapter_name_or_path, store.geometry, name=load_as)
     store.check_new_name(adapter.name)
     positions.check_metadata(self, adapter.metadata, "load_adapter")
-    adapter = adapter.to(_model_device(store))
-    adapter.train(self.training)
-    store.insert(adapter)
-    if set_active:
-        store.set_active([adapter.name])
-    return adapter.name
+    return install_adapter(store, adapter, set_active)
 
 
 @contextlib.contextmanager
