@@ -88,11 +88,11 @@ def available_backends(device: torch.device) -> list[str]:
     from . import kernels
 
     names = ["torch"]
-    if kernels.triton_importable() and (device.type == "cuda" or kernels.triton_interpreting()):
+    if kernels.triton_unavailable_reason(device) is None:
         names.append("triton")
     from .kernels import cuda_backend
 
-    if device.type == "cuda" and getattr(cuda_backend, "extension_loaded", lambda: False)():
+    if device.type == "cuda" and cuda_backend.extension_loaded():
         names.append("cuda")
     return names
 

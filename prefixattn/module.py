@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .ops import prefix_attention
-from .validation import BACKENDS
+from .validation import check_backend_name
 
 
 class PrefixAttention(nn.Module):
@@ -40,8 +40,7 @@ class PrefixAttention(nn.Module):
                 raise ValueError(f"{name}: expected a positive int, got {value!r}")
         if isinstance(prefix_length, bool) or not isinstance(prefix_length, int) or prefix_length < 0:
             raise ValueError(f"prefix_length: expected an int >= 0, got {prefix_length!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend: expected one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+        check_backend_name(backend)
         self.num_kv_heads, self.head_dim, self.prefix_length = num_kv_heads, head_dim, prefix_length
         self.causal, self.softmax_scale, self.backend = causal, softmax_scale, backend
         if prefix_length > 0:

@@ -24,10 +24,9 @@ from torch import Tensor
 
 from . import kernels
 from .reference import prefix_attention_reference
-from .validation import FLOAT_DTYPES, validate
+from .validation import FLOAT_DTYPES, _check_tensor, _shape, check_backend_name, validate
 
 MAX_QUERY_LEN = 16
-BACKENDS = ("auto", "triton", "cuda", "torch")
 
 
 @dataclass(frozen=True)
@@ -50,24 +49,13 @@ class PagedProblem:
     scale: float
 
 
-def _shape(t: Tensor) -> str:
-    return "[" + ", ".join(str(s) for s in t.shape) + "]"
-
-
-def _tensor(name: str, t, rank: int) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != rank:
-        raise ValueError(f"{name}: expected a {rank}-d tensor, got shape {_shape(t)} ({t.dim()}-d)")
-
-
 def validate_paged(q, k_cache, v_cache, block_table, seq_lens, prefix_k=None, prefix_v=None, *,
                    prefix_index=None, prefix_lengths=None, softmax_scale=None, backend="auto",
                    validate_values: Optional[bool] = None) -> PagedProblem:
     """Checks shapes, dtypes and devices (and, for CPU tensors or on request, table values) before any launch."""
-    _tensor("q", q, 4)
-    _tensor("k_cache", k_cache, 4)
-    _tensor("v_cache", v_cache, 4)
+    _check_tensor("q", q, rank=4)
+    _check_tensor("k_cache", k_cache, rank=4)
+    _check_tensor("v_cache", v_cache, rank=4)
     if q.dtype not in FLOAT_DTYPES:
         raise TypeError(f"q: expected dtype float16, bfloat16, float32 or float64, got {q.dtype}")
     batch, heads_q, seqlen_q, head_dim = q.shape
@@ -95,8 +83,8 @@ def validate_paged(q, k_cache, v_cache, block_table, seq_lens, prefix_k=None, pr
         if t.numel() and t.stride(-1) != 1:
             raise ValueError(f"{name}: last dimension must be contiguous (stride 1), got strides {t.stride()}")
 
-    _tensor("block_table", block_table, 2)
-    _tensor("seq_lens", seq_lens, 1)
+    _check_tensor("block_table", block_table, rank=2)
+    _check_tensor("seq_lens", seq_lens, rank=1)
     for name, t in (("block_table", block_table), ("seq_lens", seq_lens)):
         if t.dtype != torch.int32:
             raise TypeError(f"{name}: expected dtype torch.int32, got {t.dtype}")
@@ -107,8 +95,7 @@ def validate_paged(q, k_cache, v_cache, block_table, seq_lens, prefix_k=None, pr
                          f"got {_shape(block_table)}")
     if tuple(seq_lens.shape) != (batch,):
         raise ValueError(f"seq_lens: expected shape [{batch}] (one length per sequence), got {_shape(seq_lens)}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+    check_backend_name(backend)
 
     # The prefix rules are the op's: validate them against a zero-length, zero-stride stand-in for k/v
     # (no memory is read or allocated), so prefix errors read exactly as they do for prefix_attention.
@@ -193,19 +180,13 @@ def _unsupported(name: str, problem: PagedProblem, q: Tensor, k_cache: Tensor) -
     if problem.dtype == torch.float64:
         return "float64 runs on backend 'torch' only"
     if name == "triton":
-        if not kernels.triton_importable():
-            return "triton is not installed"
-        if problem.device.type != "cuda" and not kernels.triton_interpreting():
-            return (f"the tensors are on {problem.device} and Triton needs a CUDA device "
-                    f"(or TRITON_INTERPRET=1 to run its interpreter on the CPU)")
+        reason = kernels.triton_unavailable_reason(problem.device)
+        if reason is not None:
+            return reason
         from .kernels import triton_decode
 
         return triton_decode.unsupported_reason(problem.dtype, problem.head_dim, problem.seqlen_q)
-    cuda = _cuda_module()
-    if not hasattr(cuda, "paged_decode"):
-        return "this build has no CUDA paged decode kernel (prefixattn.kernels.cuda_backend.paged_decode)"
-    reason_fn = getattr(cuda, "unsupported_reason_paged", None)
-    return reason_fn(q, k_cache) if reason_fn is not None else None
+    return _cuda_module().unsupported_reason_paged(q, k_cache)
 
 
 def choose_backend(requested: str, problem: PagedProblem, q: Tensor, k_cache: Tensor, block_table: Tensor,
@@ -222,8 +203,7 @@ def choose_backend(requested: str, problem: PagedProblem, q: Tensor, k_cache: Te
     if problem.device.type != "cuda":
         return "torch"
     if _unsupported("cuda", problem, q, k_cache) is None:
-        preferred = getattr(_cuda_module(), "preferred_paged", None)
-        if preferred is not None and preferred(q, k_cache, block_table, prefix_k):
+        if _cuda_module().preferred_paged(q, k_cache, block_table, prefix_k):
             return "cuda"
     if _unsupported("triton", problem, q, k_cache) is None:
         return "triton"

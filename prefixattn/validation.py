@@ -24,6 +24,11 @@ def _shape(t: Tensor) -> str:
     return "[" + ", ".join(str(s) for s in t.shape) + "]"
 
 
+def check_backend_name(backend) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+
+
 def _check_tensor(name: str, t, *, rank: Optional[int] = None) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
@@ -204,8 +209,7 @@ def validate(
         raise TypeError(f"softmax_scale: expected a float or None, got {type(softmax_scale).__name__}")
     if not isinstance(causal, bool):
         raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+    check_backend_name(backend)
 
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(dim)
     return Problem(batch, hq, hkv, sq, sk, dim, plen, pool_size, pooled, q.dtype, q.device, scale, causal,

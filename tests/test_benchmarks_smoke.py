@@ -229,38 +229,3 @@ def test_plots_render(tmp_path):
     rc = attention.main(["--smoke", "--out", str(tmp_path), "--phases", "main"])
     assert rc == 0 and (tmp_path / "attention.png").stat().st_size > 0
     assert decode.main(["--smoke", "--out", str(tmp_path)]) == 0 and (tmp_path / "decode.png").stat().st_size > 0
-
-
-def test_e2e_drives_the_prefixattn_api_as_specified(tmp_path, monkeypatch):
-    """The prefixattn code paths of bench_e2e, against a stand-in for the transformers integration (which
-    another branch writes): the calls made are init, add_adapter(config=PrefixTuningConfig(prefix_length,
-    flat)), train_adapter, eject_prefix_tuning, set_active_adapters."""
-    calls = []
-
-    class Config:
-        def __init__(self, prefix_length, flat):
-            self.prefix_length, self.flat = prefix_length, flat
-
-    def init(model):
-        def add_adapter(name, config):
-            calls.append(("add_adapter", name, config.prefix_length, config.flat))
-            model.register_parameter("stand_in_prefix", torch.nn.Parameter(torch.zeros(1)))
-            model.get_input_embeddings().register_forward_hook(lambda mod, args, out: out + model.stand_in_prefix)
-        model.add_adapter = add_adapter
-        model.train_adapter = lambda name: (calls.append(("train_adapter", name)), model.requires_grad_(False),
-                                            model.stand_in_prefix.requires_grad_(True))
-        model.eject_prefix_tuning = lambda name: calls.append(("eject_prefix_tuning", name))
-        model.set_active_adapters = lambda name: calls.append(("set_active_adapters", name))
-        calls.append(("init",))
-
-    if hasattr(prefixattn, "init"):
-        pytest.skip("the real integration is present; test_e2e_smoke_writes_json covers it")
-    monkeypatch.setattr(prefixattn, "init", init, raising=False)
-    monkeypatch.setattr(prefixattn, "PrefixTuningConfig", Config, raising=False)
-    e2e.main(["--smoke", "--out", str(tmp_path), "--phases", "train,serve"])
-    records = load(tmp_path / "e2e.json")
-    assert {r["method"] for r in records if r["kind"] == "e2e_train_step"} >= {"prefixattn", "prefixattn_flat"}
-    assert {(r["method"], r["B"]) for r in records if r["kind"] == "e2e_generate"} >= {("prefixattn", 3)}
-    assert ("add_adapter", "p", 4, False) in calls and ("add_adapter", "p", 4, True) in calls
-    assert ("train_adapter", "p") in calls and ("eject_prefix_tuning", "p") in calls
-    assert not [r for r in records if r["kind"] in ("error", "unavailable")]

@@ -163,6 +163,16 @@ def test_empty_prefix_tensor():
     assert got[5].shape == pk.shape and got[6].shape == pv.shape
 
 
+def test_no_query_heads_gives_zero_gradients():
+    """Hq = 0 (a multiple of any Hkv) leaves k and v with elements but no query: their gradients are 0."""
+    q = torch.randn(2, 0, 5, 16, requires_grad=True)
+    k, v = (torch.randn(2, 2, 5, 16, requires_grad=True) for _ in range(2))
+    pk, pv = (torch.randn(2, 3, 16, requires_grad=True) for _ in range(2))
+    prefix_attention(q, k, v, pk, pv, backend="triton").sum().backward()
+    for t in (k, v, pk, pv):
+        assert torch.equal(t.grad, torch.zeros_like(t))
+
+
 def test_rows_with_nothing_to_attend():
     """No prefix (index -1 or valid length 0) and every key padded: output 0, lse -inf, finite zero gradients."""
     case = Case(batch=3, heads_q=2, heads_kv=1, seqlen_q=18, seqlen_k=18, head_dim=32, prefix_len=7, pool=2)
@@ -243,6 +253,28 @@ def test_through_op_and_autograd():
     assert rel_err(lse, ref_lse) <= TOLERANCE[torch.float32]
     for name, a, b in zip(NAMES[2:], grads, ref_grads):
         assert rel_err(a, b) <= TOLERANCE[torch.float32], name
+
+
+def test_unchecked_pool_indices_and_lengths_are_clamped():
+    """On the GPU values are not range-checked: indices outside [0, N) mean no prefix and lengths clamp to
+    [0, P] in the training kernels too (as in the decode kernels), instead of indexing out of bounds."""
+    from prefixattn.kernels import triton_backend
+
+    b, hq, hkv, sq, d, p, n = 4, 2, 1, 20, 16, 6, 2  # Sq > 16: the training kernels, not the decode path
+    q, k, v = (torch.randn(b, h, sq, d, dtype=torch.float64) for h in (hq, hkv, hkv))
+    pk, pv = torch.randn(n, hkv, p, d, dtype=torch.float64), torch.randn(n, hkv, p, d, dtype=torch.float64)
+    bad_idx, bad_len = torch.tensor([5, -3, 0, 1]), torch.tensor([99, -4])
+    good_idx, good_len = torch.tensor([-1, -1, 0, 1]), torch.tensor([p, 0])
+    dout = torch.randn(b, hq, sq, d, dtype=torch.float64)
+    out, lse = triton_backend.forward(q, k, v, pk, pv, bad_idx, bad_len, None, None, True, d ** -0.5)
+    grads = triton_backend.backward(dout, None, q, k, v, pk, pv, bad_idx, bad_len, None, None, out, lse, True,
+                                    d ** -0.5)
+    ref_in = [t.clone().requires_grad_() for t in (q, k, v, pk, pv)]
+    ref_out = prefix_attention_reference(*ref_in, prefix_index=good_idx, prefix_lengths=good_len)
+    ref_grads = torch.autograd.grad(ref_out, ref_in, dout)
+    assert rel_err(out, ref_out) <= 1e-10
+    for name, a, r in zip(NAMES[2:], grads, ref_grads):
+        assert rel_err(a, r) <= 1e-10, name
 
 
 def test_torch_compile_fullgraph():

@@ -546,17 +546,11 @@ QUICK_ESTIMATES = dict(ceiling=3, main=55, gqa=15, d64=15, flex=60)
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    device = torch.device(args.device or ("cpu" if args.smoke or not torch.cuda.is_available() else "cuda"))
-    if not args.smoke and device.type != "cuda":
-        print("no CUDA device: run with --smoke for the CPU dry run", file=sys.stderr)
+    device, phases = timing.device_and_phases(args, PHASES)
+    if device is None:
         return 2
     args.backend = args.backend or ("torch" if device.type == "cpu" else "triton")
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    phases = [p.strip() for p in args.phases.split(",") if p.strip()]
-    unknown = set(phases) - set(PHASES)
-    if unknown:
-        print(f"--phases: unknown {sorted(unknown)}; expected a comma list of {','.join(PHASES)}", file=sys.stderr)
-        return 2
     if args.skip_flex and "flex" in phases:
         phases.remove("flex")
     est = QUICK_ESTIMATES if args.quick else ESTIMATES

@@ -282,19 +282,14 @@ QUICK_ESTIMATES = dict(ceiling=2, grid=30)
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    device = torch.device(args.device or ("cpu" if args.smoke or not torch.cuda.is_available() else "cuda"))
-    if not args.smoke and device.type != "cuda":
-        print("no CUDA device: run with --smoke for the CPU dry run", file=sys.stderr)
+    device, phases = timing.device_and_phases(args, PHASES)
+    if device is None:
         return 2
     cfg = SMOKE if args.smoke else (QUICK if args.quick else GPU)
     if args.page_size:
         cfg = Config(**{**cfg.__dict__, "page_size": args.page_size})
     args.backends = args.backends or ("torch" if device.type == "cpu" else "triton,cuda")
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    phases = [p.strip() for p in args.phases.split(",") if p.strip()]
-    if set(phases) - set(PHASES):
-        print(f"--phases: unknown {sorted(set(phases) - set(PHASES))}; expected {','.join(PHASES)}", file=sys.stderr)
-        return 2
     timing.print_estimates("decode", {p: (QUICK_ESTIMATES if args.quick else ESTIMATES)[p] for p in phases})
     out_dir = timing.results_dir(args.out, args.smoke)
     writer = ResultWriter(out_dir / "decode.json", timing.environment(device, argv))

@@ -483,19 +483,14 @@ def estimates(settings: Settings, phases) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    device = torch.device(args.device or ("cpu" if args.smoke or not torch.cuda.is_available() else "cuda"))
-    if not args.smoke and device.type != "cuda":
-        print("no CUDA device: run with --smoke for the CPU dry run", file=sys.stderr)
+    device, phases = timing.device_and_phases(args, PHASES)
+    if device is None:
         return 2
     settings = SMOKE if args.smoke else (QUICK if args.quick else FULL)
     overrides = {k: v for k, v in dict(gen_repeats=args.gen_repeats, new_tokens=args.new_tokens,
                                        kv_budget_gb=args.kv_budget_gb).items() if v is not None}
     settings = replace(settings, **overrides)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    phases = [p.strip() for p in args.phases.split(",") if p.strip()]
-    if set(phases) - set(PHASES):
-        print(f"--phases: unknown {sorted(set(phases) - set(PHASES))}; expected {','.join(PHASES)}", file=sys.stderr)
-        return 2
     timing.print_estimates("e2e", estimates(settings, phases))
     out_dir = timing.results_dir(args.out, args.smoke)
     writer = ResultWriter(out_dir / "e2e.json", timing.environment(device, argv))

@@ -491,6 +491,22 @@ class BenchRun:
             self.stopped = True
             raise SystemExit(f"fatal CUDA error, stopping: {error_text(exc)}")
 
+def device_and_phases(args, known_phases) -> tuple[Optional[torch.device], list]:
+    """The device (--device, else CUDA unless --smoke) and the --phases list of a benchmark's command line;
+    (None, []) after printing why when there is no GPU for a real run or a phase is unknown."""
+    device = torch.device(args.device or ("cpu" if args.smoke or not torch.cuda.is_available() else "cuda"))
+    if not args.smoke and device.type != "cuda":
+        print("no CUDA device: run with --smoke for the CPU dry run", file=sys.stderr)
+        return None, []
+    phases = [p.strip() for p in args.phases.split(",") if p.strip()]
+    unknown = set(phases) - set(known_phases)
+    if unknown:
+        print(f"--phases: unknown {sorted(unknown)}; expected a comma list of {','.join(known_phases)}",
+              file=sys.stderr)
+        return None, []
+    return device, phases
+
+
 def print_estimates(label: str, estimates: dict, stream=None) -> None:
     """Print each phase's expected wall time before starting (the GPU lease is short)."""
     stream = stream if stream is not None else sys.stderr

@@ -24,7 +24,7 @@ from ..tuning.config import PrefixTuningConfig
 from ..tuning.io import load_checked_state
 from . import attention as attn
 from .checkpoint_files import find_weights, read_json, read_tensors, require_dir
-from .install import get_store
+from .install import get_store, install_adapter
 
 ADAPTERS_CONFIG = "adapter_config.json"
 ADAPTERS_WEIGHTS = ("adapter.safetensors", "pytorch_adapter.bin")
@@ -195,10 +195,4 @@ def load_adapters_prefix(model, path, adapter_name: Optional[str] = None, *, set
     model changes. Returns the adapter's name."""
     store = get_store(model)
     adapter = read_adapters_checkpoint(model, path, adapter_name)
-    device = next(store.__dict__["_probe_module"].parameters()).device
-    adapter = adapter.to(device)
-    adapter.train(store.training)
-    store.insert(adapter)
-    if set_active:
-        store.set_active([adapter.name])
-    return adapter.name
+    return install_adapter(store, adapter, set_active)

@@ -21,7 +21,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from ..tuning import io as tuning_io
 from ..tuning.config import PrefixTuningConfig
 from ..tuning.store import PrefixStore
-from ..validation import BACKENDS
+from ..validation import check_backend_name
 from . import attention as attn
 from . import positions
 from .families import entry_modules, find_sites
@@ -51,11 +51,6 @@ def set_flat_prefix(model, name: str, prefixes: dict) -> None:
     get_store(model).set_flat_prefix(name, prefixes)
 
 
-def _check_backend(backend) -> None:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
-
-
 def init(model: PreTrainedModel, backend: str = "auto") -> PreTrainedModel:
     """Prepare `model` for prefix tuning through prefixattn; returns the same model.
 
@@ -64,7 +59,7 @@ def init(model: PreTrainedModel, backend: str = "auto") -> PreTrainedModel:
     """
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"prefixattn.init: expected a transformers PreTrainedModel, got {type(model).__name__}")
-    _check_backend(backend)
+    check_backend_name(backend)
     existing = model._modules.get(STORE_NAME)
     if isinstance(existing, PrefixStore):
         existing.backend = backend
@@ -187,6 +182,16 @@ def _model_device(store: PrefixStore) -> torch.device:
     return next(store.__dict__["_probe_module"].parameters()).device
 
 
+def install_adapter(store: PrefixStore, adapter, set_active: bool) -> str:
+    """Put a fully built and checked adapter (loaded or imported) on the model's device and into the store."""
+    adapter = adapter.to(_model_device(store))
+    adapter.train(store.training)
+    store.insert(adapter)
+    if set_active:
+        store.set_active([adapter.name])
+    return adapter.name
+
+
 def add_adapter(self, adapter_name: str, config=None, overwrite_ok: bool = False, set_active: bool = False,
                 metadata: Optional[dict] = None):
     """Add a prefix-tuning adapter (adapters' signature). config: PrefixTuningConfig, dict, preset name or None.
@@ -253,12 +258,7 @@ def load_adapter(self, adapter_name_or_path: str, load_as: Optional[str] = None,
     adapter = tuning_io.read_adapter(adapter_name_or_path, store.geometry, name=load_as)
     store.check_new_name(adapter.name)
     positions.check_metadata(self, adapter.metadata, "load_adapter")
-    adapter = adapter.to(_model_device(store))
-    adapter.train(self.training)
-    store.insert(adapter)
-    if set_active:
-        store.set_active([adapter.name])
-    return adapter.name
+    return install_adapter(store, adapter, set_active)
 
 
 @contextlib.contextmanager

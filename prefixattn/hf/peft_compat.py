@@ -33,7 +33,7 @@ from ..tuning.adapter import CROSS, ENCODER, SELF, PrefixAdapter
 from ..tuning.config import PrefixTuningConfig
 from . import positions as pos
 from .checkpoint_files import find_weights, read_json, read_tensors, require_dir
-from .install import get_store
+from .install import get_store, install_adapter
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -201,7 +201,7 @@ def load_peft_prefix(model, path, adapter_name: str, *, positions: str = "peft",
     """Import a PEFT prefix-tuning checkpoint as a flat prefixattn adapter named `adapter_name`.
 
     positions="peft" converts PEFT's position frame so the forward logits match PEFT's (RoPE: prefix keys
-    rotated by -P; GPT-2 / BART: metadata position_offset=P; T5: not exact, warns). positions="prefixattn"
+    rotated by -P; GPT-2 / BART / T5: metadata position_offset=P). positions="prefixattn"
     takes the prefix unchanged. Everything is read and checked before the model changes. Returns the name.
     """
     who = "load_peft_prefix"
@@ -226,15 +226,9 @@ def load_peft_prefix(model, path, adapter_name: str, *, positions: str = "peft",
     config = PrefixTuningConfig(flat=True, prefix_length=p, encoder_prefix=False, cross_prefix=False)
     adapter = PrefixAdapter(adapter_name, config, store.geometry, metadata=metadata)
     adapter.set_flat_prefix({SELF: prefix})
-    device = next(store.__dict__["_probe_module"].parameters()).device
-    adapter = adapter.to(device)
-    adapter.train(store.training)
     if note:
         warnings.warn(note, stacklevel=2)
-    store.insert(adapter)
-    if set_active:
-        store.set_active([adapter_name])
-    return adapter_name
+    return install_adapter(store, adapter, set_active)
 
 
 # -- export -----------------------------------------------------------------------------------------------

@@ -29,6 +29,16 @@ def triton_importable() -> bool:
     return True
 
 
+def triton_unavailable_reason(device) -> Optional[str]:
+    """Why the Triton kernels cannot run on tensors on `device` (contiguous and paged ops alike), or None."""
+    if not triton_importable():
+        return "triton is not installed"
+    if device.type != "cuda" and not triton_interpreting():
+        return (f"the tensors are on {device} and Triton needs a CUDA device "
+                f"(or TRITON_INTERPRET=1 to run its interpreter on the CPU)")
+    return None
+
+
 def get_backend(name: str) -> ModuleType:
     # Plain import statements rather than importlib.import_module: torch.compile(fullgraph=True) traces
     # through backend selection and refuses importlib (a graph break).
@@ -46,11 +56,9 @@ def get_backend(name: str) -> ModuleType:
 def unsupported_reason(name: str, problem: Problem, *, needs_grad: bool) -> Optional[str]:
     """Why backend `name` cannot run this problem, or None if it can."""
     if name == "triton":
-        if not triton_importable():
-            return "triton is not installed"
-        if not problem.device.type == "cuda" and not triton_interpreting():
-            return (f"the tensors are on {problem.device} and Triton needs a CUDA device "
-                    f"(or TRITON_INTERPRET=1 to run its interpreter on the CPU)")
+        reason = triton_unavailable_reason(problem.device)
+        if reason is not None:
+            return reason
     return get_backend(name).unsupported_reason(problem, needs_grad=needs_grad)
 
 

@@ -302,9 +302,9 @@ def backward(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengt
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    if batch == 0 or heads_q == 0:
+    if batch == 0 or heads_q == 0:  # no query: every gradient is zero (k, v keep their Hkv heads when Hq = 0)
         dpk, dpv = (torch.zeros_like(prefix_k), torch.zeros_like(prefix_v)) if prefix_k is not None else (None, None)
-        return dq, dk, dv, dpk, dpv
+        return dq, torch.zeros_like(k), torch.zeros_like(v), dpk, dpv
 
     # 1. delta and base-2 lse, [B, Hq, Sq] in the accumulation dtype.
     delta = torch.empty((batch, heads_q, seq_q), dtype=acc_dtype(q.dtype), device=q.device)

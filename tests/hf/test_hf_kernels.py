@@ -44,7 +44,6 @@ INTERPRETER_MODELS = [("llama", {"hidden_size": 64}), ("t5", {"d_kv": 16})]
 @pytest.mark.parametrize("family,overrides", INTERPRETER_MODELS)
 def test_tiny_models_through_the_triton_interpreter(family, overrides):
     """Shared prefix, and a per-sequence pool choice; T5 also passes its position bias as attn_bias."""
-    pytest.importorskip("prefixattn.kernels.triton_fwd")
     kw, real = batch(family, b=2, s=5)
     outs = {}
     for backend in ("torch", "triton"):
@@ -60,8 +59,6 @@ def test_tiny_models_through_the_triton_interpreter(family, overrides):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter test is for CPU runs")
 def test_tiny_llama_training_through_the_triton_interpreter():
-    pytest.importorskip("prefixattn.kernels.triton_fwd")
-    pytest.importorskip("prefixattn.kernels.triton_bwd")
     kw, _ = batch("llama", b=2, s=5)
     results = {}
     for backend in ("torch", "triton"):
