@@ -29,8 +29,10 @@ def gather_prefix(
     """Per-sequence view of a shared [Hkv, P, D] or pooled [N, Hkv, P, D] prefix -> [B, Hkv, P, D]."""
     if prefix.dim() == 3:
         return prefix.unsqueeze(0).expand(batch, *prefix.shape)
-    # Entries with index -1 get row 0 here; prefix_valid_mask() masks them out.
-    return prefix[prefix_index.clamp(min=0).long()]
+    # Entries with index -1 (or out of range, when values were not validated) get row 0 here;
+    # prefix_valid_mask() masks them out.
+    idx = prefix_index.long()
+    return prefix[torch.where((idx >= 0) & (idx < prefix.shape[0]), idx, torch.zeros_like(idx))]
 
 
 def prefix_valid_mask(
@@ -46,12 +48,15 @@ def prefix_valid_mask(
     if prefix_lengths is None:
         lengths = torch.full((pool_size,), plen, device=device, dtype=torch.long)
     else:
-        lengths = prefix_lengths.to(device=device, dtype=torch.long)
+        # Unvalidated lengths are clamped to [0, P], as the kernels do.
+        lengths = prefix_lengths.to(device=device, dtype=torch.long).clamp(0, plen)
     if prefix_index is None:
         per_seq = lengths[0].expand(batch)
     else:
+        # An index outside [0, N) (only possible when values were not validated) means "no prefix".
         idx = prefix_index.to(device=device, dtype=torch.long)
-        per_seq = torch.where(idx >= 0, lengths[idx.clamp(min=0)], torch.zeros_like(idx))
+        inside = (idx >= 0) & (idx < pool_size)
+        per_seq = torch.where(inside, lengths[torch.where(inside, idx, torch.zeros_like(idx))], torch.zeros_like(idx))
     return slots[None, :] < per_seq[:, None]
 
 

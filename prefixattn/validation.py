@@ -91,6 +91,8 @@ def validate(
     hkv, sk, dk = k.shape[1], k.shape[2], k.shape[3]
     if dk != dim:
         raise ValueError(f"k: expected head dim {dim} (q's last dim), got {dk} (shape {_shape(k)})")
+    if hq == 0:
+        raise ValueError(f"q: expected at least one query head, got shape {_shape(q)}")
     if hkv == 0 or hq % hkv != 0:
         raise ValueError(
             f"q: number of query heads must be a multiple of the KV heads; got Hq={hq} for Hkv={hkv}"

@@ -109,3 +109,24 @@ def test_validation_runs_before_any_kernel(monkeypatch):
     monkeypatch.setattr(kernels, "get_backend", boom)
     with pytest.raises(ValueError, match="^prefix_index"):
         call(good(**dict(zip(("prefix_k", "prefix_v"), pool())), prefix_index=torch.tensor([0, 7]), backend="triton"))
+
+
+def test_value_checks_can_be_switched():
+    """validate_values=False skips the (host-syncing) range checks; the default checks CPU tensors."""
+    kw = good(**dict(zip(("prefix_k", "prefix_v"), pool())), prefix_index=torch.tensor([0, 7]))
+    with pytest.raises(ValueError, match=r"^prefix_index: expected values in \[-1, 2\]"):
+        call(kw)
+    with pytest.raises(ValueError, match=r"^prefix_index: expected values"):
+        call(dict(kw, validate_values=True))
+    # Unchecked, an out-of-range entry means "no prefix" (as in the kernels), a length above P means P.
+    out = call(dict(kw, validate_values=False, backend="torch"))
+    same = call(dict(kw, backend="torch", prefix_index=torch.tensor([0, -1])))
+    assert torch.equal(out, same)
+    over = call(dict(kw, validate_values=False, backend="torch", prefix_lengths=torch.tensor([9, 9, 9])))
+    full = call(dict(kw, backend="torch", prefix_index=torch.tensor([0, -1]), prefix_lengths=torch.tensor([5, 5, 5])))
+    assert torch.equal(over, full)
+
+
+def test_zero_query_heads_refused():
+    with pytest.raises(ValueError, match=r"^q: expected at least one query head"):
+        call(good(q=torch.randn(B, 0, S, D)))
