@@ -2,7 +2,7 @@
 
 Same checks as tests/test_triton_training.py (float64 reference, same tolerances), on the same cases, plus what is
 specific to the fused path: the dQ kernel is never launched, rows nothing reaches get dq exactly 0, every backend
-accepts the flag, and it survives torch.compile. On the CPU the kernels run in Triton's interpreter (16 x 16 tiles);
+accepts the flag. torch.compile and the GPU size/head-dim checks run both paths in tests/test_triton_training.py. On the CPU the kernels run in Triton's interpreter (16 x 16 tiles);
 bf16 at real sizes is in the @pytest.mark.gpu tests at the end.
 """
 
@@ -16,26 +16,13 @@ import torch
 from helpers import TOLERANCE, Case, rel_err
 from prefixattn import prefix_attention
 from prefixattn.reference import prefix_attention_reference
-from test_triton_training import CASES, GPU_CASES, NAMES, check, run_kernels
+from test_triton_training import CASES, NAMES, check, run_kernels, use_fused_backward
 
 
 @pytest.fixture
 def fused(monkeypatch):
     """Route run_kernels' triton_bwd.backward calls to deterministic=False, and fail if the dQ kernel runs."""
-    from prefixattn.kernels import triton_bwd
-
-    real = triton_bwd.backward
-
-    def backward(*args, **kwargs):
-        return real(*args, **kwargs, deterministic=False)
-
-    class NoDq:
-        def __getitem__(self, grid):
-            raise AssertionError("deterministic=False must not launch the dQ kernel")
-
-    monkeypatch.setattr(triton_bwd, "backward", backward)
-    monkeypatch.setattr(triton_bwd, "_bwd_dq_kernel", NoDq())
-    return real
+    return use_fused_backward(monkeypatch)
 
 
 FAST_CASES = ["mha", "gqa2", "gqa4-d64", "d128", "no-prefix", "decode-3", "chunked-prefill", "noncausal",
@@ -201,58 +188,9 @@ def test_every_backend_accepts_the_flag():
         assert param.kind is inspect.Parameter.KEYWORD_ONLY and param.default is True, module.__name__
 
 
-def test_torch_compile_fullgraph():
-    case = Case(batch=2, heads_q=4, heads_kv=2, seqlen_q=17, seqlen_k=17, head_dim=32, prefix_len=6,
-                padding="left")
-    tensors, args = case.make(dtype=torch.float32)
-
-    def step(q, k, v, pk, pv, mask):
-        out = prefix_attention(q, k, v, pk, pv, key_padding_mask=mask, backend="triton", deterministic=False)
-        return (out.float() ** 2).sum()
-
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    loss = compiled(*tensors, args["key_padding_mask"])
-    grads = torch.autograd.grad(loss, tensors)
-    ref_in = [t.detach().double().requires_grad_() for t in tensors]
-    ref = (prefix_attention_reference(*ref_in, key_padding_mask=args["key_padding_mask"]) ** 2).sum()
-    ref_grads = torch.autograd.grad(ref, ref_in)
-    assert abs(loss.item() - ref.item()) <= 1e-4 * abs(ref.item())
-    for name, a, b in zip(NAMES[2:], grads, ref_grads):
-        assert rel_err(a, b) <= TOLERANCE[torch.float32], name
-
-
 # --------------------------------------------------------------------------------------------------- GPU
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("name", list(GPU_CASES))
-def test_gpu_real_sizes(name, dtype, fused):
-    case = Case(batch=2, seqlen_q=1024, seqlen_k=1024, head_dim=128, prefix_len=128, **GPU_CASES[name])
-    g = torch.Generator().manual_seed(5)
-    tensors, args = case.make(dtype=dtype, device="cuda", requires_grad=False, generator=g)
-    got, ref = run_kernels(tensors, args, dtype=dtype)
-    check(got, ref, dtype)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("head_dim", [64, 96, 256])
-def test_gpu_head_dims_and_bias(head_dim, fused):
-    from test_triton_training import make_bias
-
-    case = Case(batch=2, heads_q=4, heads_kv=2, seqlen_q=300, seqlen_k=333, head_dim=head_dim, prefix_len=77,
-                padding="random")
-    g = torch.Generator().manual_seed(6)
-    tensors, args = case.make(dtype=torch.bfloat16, device="cuda", requires_grad=False, generator=g)
-    bias = make_bias(case, "broadcast", torch.float32, device="cuda", neg_inf=0.05, generator=g)
-    got, ref = run_kernels(tensors, args, dtype=torch.bfloat16, bias=bias)
-    check(got, ref, torch.bfloat16)
-
-
-@pytest.mark.gpu
-def test_gpu_fp32_decode_like(fused):
-    case = Case(batch=3, heads_q=8, heads_kv=2, seqlen_q=3, seqlen_k=515, head_dim=128, prefix_len=64, pool=2)
-    tensors, args = case.make(dtype=torch.float32, device="cuda", requires_grad=False)
-    got, ref = run_kernels(tensors, args, dtype=torch.float32)
-    check(got, ref, torch.float32)
+# bf16/fp16 at real sizes, other head dims with bias, fp32 decode-like: test_triton_training's GPU tests run
+# both backward paths (fixture bwd_path); torch.compile likewise (test_torch_compile_fullgraph).
 
 
 @pytest.mark.gpu

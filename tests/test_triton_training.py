@@ -284,13 +284,42 @@ def test_unchecked_pool_indices_and_lengths_are_clamped():
         assert rel_err(a, r) <= 1e-10, name
 
 
-def test_torch_compile_fullgraph():
+def use_fused_backward(monkeypatch):
+    """Route run_kernels' triton_bwd.backward calls to deterministic=False (dQ by atomics from the dK/dV
+    kernels), and fail if the separate dQ kernel runs."""
+    from prefixattn.kernels import triton_bwd
+
+    real = triton_bwd.backward
+
+    def backward(*args, **kwargs):
+        return real(*args, **kwargs, deterministic=False)
+
+    class NoDq:
+        def __getitem__(self, grid):
+            raise AssertionError("deterministic=False must not launch the dQ kernel")
+
+    monkeypatch.setattr(triton_bwd, "backward", backward)
+    monkeypatch.setattr(triton_bwd, "_bwd_dq_kernel", NoDq())
+    return real
+
+
+@pytest.fixture(params=["deterministic", "fused"])
+def bwd_path(request, monkeypatch):
+    """Both backward paths: the default deterministic one and deterministic=False."""
+    if request.param == "fused":
+        use_fused_backward(monkeypatch)
+    return request.param
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_torch_compile_fullgraph(deterministic):
     case = Case(batch=2, heads_q=4, heads_kv=2, seqlen_q=17, seqlen_k=17, head_dim=32, prefix_len=6,
                 padding="left")
     tensors, args = case.make(dtype=torch.float32)
 
     def step(q, k, v, pk, pv, mask):
-        out = prefix_attention(q, k, v, pk, pv, key_padding_mask=mask, backend="triton")
+        out = prefix_attention(q, k, v, pk, pv, key_padding_mask=mask, backend="triton",
+                               deterministic=deterministic)
         return (out.float() ** 2).sum()
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
@@ -393,7 +422,7 @@ GPU_CASES = {
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name", list(GPU_CASES))
-def test_gpu_real_sizes(name, dtype):
+def test_gpu_real_sizes(name, dtype, bwd_path):
     case = Case(batch=2, seqlen_q=1024, seqlen_k=1024, head_dim=128, prefix_len=128, **GPU_CASES[name])
     g = torch.Generator().manual_seed(5)
     tensors, args = case.make(dtype=dtype, device="cuda", requires_grad=False, generator=g)
@@ -403,7 +432,7 @@ def test_gpu_real_sizes(name, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("head_dim", [64, 96, 256])
-def test_gpu_head_dims_and_bias(head_dim):
+def test_gpu_head_dims_and_bias(head_dim, bwd_path):
     case = Case(batch=2, heads_q=4, heads_kv=2, seqlen_q=300, seqlen_k=333, head_dim=head_dim, prefix_len=77,
                 padding="random")
     g = torch.Generator().manual_seed(6)
@@ -414,7 +443,7 @@ def test_gpu_head_dims_and_bias(head_dim):
 
 
 @pytest.mark.gpu
-def test_gpu_fp32_decode_like():
+def test_gpu_fp32_decode_like(bwd_path):
     case = Case(batch=3, heads_q=8, heads_kv=2, seqlen_q=3, seqlen_k=515, head_dim=128, prefix_len=64, pool=2)
     tensors, args = case.make(dtype=torch.float32, device="cuda", requires_grad=False)
     got, ref = run_kernels(tensors, args, dtype=torch.float32)
