@@ -289,6 +289,12 @@ def _index_tensor(name: str, t: Tensor, q: Tensor, rank: int, batch: int) -> Ten
     return t if t.dtype == torch.int32 else t.to(torch.int32)
 
 
+def _check_int_vector(name: str, t: Tensor, length: int, q: Tensor) -> None:
+    if t.dim() != 1 or t.shape[0] != length or t.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name}: expected int32/int64 [{length}], got {t.dtype} {list(t.shape)}")
+    _same_device(name, t, q)
+
+
 def _check_paged_values(block_table: Tensor, seq_lens: Tensor, num_pages: int, page_size: int,
                         prefix_k: Optional[Tensor], prefix_index: Optional[Tensor],
                         prefix_lengths: Optional[Tensor]) -> None:
@@ -348,11 +354,7 @@ def _fill_prefix(p, q: Tensor, hkv: int, prefix_k, prefix_v, prefix_index, prefi
         p.pv_sn, p.pv_sh, p.pv_sp = _strides(prefix_v)
         if prefix_index is None:
             raise ValueError("prefix_index: required with a pool-form prefix [N, Hkv, P, D], got None")
-        if (prefix_index.dim() != 1 or prefix_index.shape[0] != batch
-                or prefix_index.dtype not in (torch.int32, torch.int64)):
-            raise ValueError(f"prefix_index: expected int32/int64 [{batch}], got {prefix_index.dtype} "
-                             f"{list(prefix_index.shape)}")
-        _same_device("prefix_index", prefix_index, q)
+        _check_int_vector("prefix_index", prefix_index, batch, q)
         p.prefix_index = prefix_index.data_ptr()
         p.prefix_index_i64 = prefix_index.dtype == torch.int64
         p.pi_s = prefix_index.stride(0)
@@ -362,11 +364,7 @@ def _fill_prefix(p, q: Tensor, hkv: int, prefix_k, prefix_v, prefix_index, prefi
         p.pk_sh, p.pk_sp = _strides(prefix_k)
         p.pv_sh, p.pv_sp = _strides(prefix_v)
     if prefix_lengths is not None:
-        if (prefix_lengths.dim() != 1 or prefix_lengths.shape[0] != pool
-                or prefix_lengths.dtype not in (torch.int32, torch.int64)):
-            raise ValueError(f"prefix_lengths: expected int32/int64 [{pool}], got {prefix_lengths.dtype} "
-                             f"{list(prefix_lengths.shape)}")
-        _same_device("prefix_lengths", prefix_lengths, q)
+        _check_int_vector("prefix_lengths", prefix_lengths, pool, q)
         p.prefix_lengths = prefix_lengths.data_ptr()
         p.prefix_lengths_i64 = prefix_lengths.dtype == torch.int64
         p.pl_s = prefix_lengths.stride(0)
