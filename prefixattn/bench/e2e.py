@@ -476,7 +476,8 @@ def parse_args(argv):
 
 def estimates(settings: Settings, phases) -> dict:
     """H200 guesses: ~90 ms per generated token (HF generate's Python overhead) plus model builds."""
-    per_gen = 0.09 * (settings.new_tokens + 2) + 3
+    # a full-length warm-up, then gen_repeats timed runs, per method
+    per_gen = 0.09 * settings.new_tokens * (settings.gen_repeats + 1) + 3
     est = dict(train=45, generate=4 * per_gen + 10, serve=4 * per_gen * 1.1 + 6, kvbudget=1)
     return {p: est[p] for p in phases}
 
