@@ -83,9 +83,14 @@ def prefixattn_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, 
                          causal=mask_function is causal_mask_function)
     kwargs.pop("allow_is_causal_skip", None)
     kwargs.pop("allow_is_bidirectional_skip", None)
-    return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+    mask = sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
                      kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
                      allow_is_causal_skip=False, allow_is_bidirectional_skip=False, **kwargs)
+    dtype = kwargs.get("dtype")
+    if isinstance(mask, Tensor) and mask.dtype == torch.bool and dtype is not None and dtype.is_floating_point:
+        # Additive 0/-inf once per forward here, rather than once per layer in the attention function.
+        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+    return mask
 
 
 def _translate_mask(module, query: Tensor, key: Tensor, value: Tensor, attention_mask, kwargs):
