@@ -27,13 +27,14 @@ class PrefixAttention(nn.Module):
     num_kv_heads, head_dim: the shape of K/V heads. prefix_length: P of the owned prefix (0: own none;
         pass one to forward instead).
     causal: default causal flag (bottom-right aligned over the sequence keys; the prefix is always visible).
-    softmax_scale: default 1/sqrt(head_dim). backend: "auto" | "triton" | "cuda" | "torch".
+    softmax_scale: default 1/sqrt(head_dim). backend: "auto" | "triton" | "cuda" | "sdpa" | "torch";
+    deterministic: as prefix_attention (training on "sdpa" needs False).
     init_std: the owned prefix is initialised N(0, init_std^2).
     """
 
     def __init__(self, num_kv_heads: int, head_dim: int, prefix_length: int = 0, *, causal: bool = True,
                  softmax_scale: Optional[float] = None, backend: str = "auto", init_std: float = 1.0,
-                 dtype: torch.dtype = torch.float32, device=None):
+                 dtype: torch.dtype = torch.float32, device=None, deterministic: bool = True):
         super().__init__()
         for name, value in (("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -43,6 +44,7 @@ class PrefixAttention(nn.Module):
         check_backend_name(backend)
         self.num_kv_heads, self.head_dim, self.prefix_length = num_kv_heads, head_dim, prefix_length
         self.causal, self.softmax_scale, self.backend = causal, softmax_scale, backend
+        self.deterministic = deterministic
         if prefix_length > 0:
             shape = (num_kv_heads, prefix_length, head_dim)
             self.prefix_k = nn.Parameter(torch.randn(shape, dtype=dtype, device=device) * init_std)
@@ -79,5 +81,5 @@ class PrefixAttention(nn.Module):
             q, k, v, pk, pv, prefix_index=prefix_index, prefix_lengths=prefix_lengths,
             causal=self.causal if causal is None else causal, key_padding_mask=key_padding_mask,
             softmax_scale=self.softmax_scale, backend=self.backend, attn_bias=attn_bias,
-            dropout_p=dropout_p if self.training else 0.0,
+            dropout_p=dropout_p if self.training else 0.0, deterministic=self.deterministic,
         )

@@ -97,6 +97,7 @@ def _setup_context(ctx, inputs, output):
                           out, lse)
     ctx.causal, ctx.scale, ctx.backend, ctx.deterministic = causal, scale, backend, deterministic
     ctx.has_prefix = prefix_k is not None
+    ctx.set_materialize_grads(False)  # an unused lse gets dlse=None, not zeros: backends skip its term
 
 
 def _backward(ctx, dout, dlse):
@@ -121,7 +122,8 @@ def _needs_grad(*tensors: Optional[Tensor]) -> bool:
 
 
 def _choose_backend(
-    requested: str, problem: Problem, *, needs_grad: bool, dropout_p: float, bias_needs_grad: bool
+    requested: str, problem: Problem, *, needs_grad: bool, dropout_p: float, bias_needs_grad: bool,
+    deterministic: bool = True,
 ) -> str:
     """Resolve "auto"; refuse (never silently replace) an explicit backend that cannot run this call."""
     if requested == "torch":
@@ -136,7 +138,7 @@ def _choose_backend(
     if bias_needs_grad:
         raise ValueError(f"attn_bias: backend {requested!r} does not compute a gradient for attn_bias, but it "
                          f"requires grad (detach it, or use backend='torch')")
-    kernels.check_backend(requested, problem, needs_grad=needs_grad)
+    kernels.check_backend(requested, problem, needs_grad=needs_grad, deterministic=deterministic)
     return requested
 
 
@@ -194,7 +196,7 @@ def prefix_attention(
     needs_grad = _needs_grad(q, k, v, prefix_k, prefix_v)
     bias_needs_grad = _needs_grad(attn_bias)
     chosen = _choose_backend(backend, problem, needs_grad=needs_grad, dropout_p=float(dropout_p),
-                             bias_needs_grad=bias_needs_grad)
+                             bias_needs_grad=bias_needs_grad, deterministic=deterministic)
 
     if chosen == "torch":
         return prefix_attention_reference(

@@ -55,9 +55,21 @@ def test_fused_dq_variants_compile_with_atomics(compiled):
         assert all(r["atomics"] == 0 for r in rows if r["deterministic"]), scenario
 
 
+def test_sdpa_backend_kernels_compile(compiled):
+    """The sdpa backend's Triton parts (prefix merge forward, prefix-keys-only dQ) in every scenario; on the
+    hot path they use wgmma without spills."""
+    for scenario in SCENARIOS:
+        rows = {r["kernel"]: r for r in compiled if r["scenario"] == scenario and r.get("sdpa")}
+        assert set(rows) == {"_prefix_merge_fwd_kernel", "_bwd_dq_kernel"}, (scenario, set(rows))
+        if scenario == "bf16-d128-causal":
+            assert all(r["wgmma"] and r["stack"] == 0 for r in rows.values()), rows
+
+
 def test_hot_path_uses_wgmma_without_spills(compiled):
     """Both backward variants: the deterministic kernels and the fused-dQ ones of deterministic=False."""
     for r in compiled:
+        if r.get("sdpa"):
+            continue  # test_sdpa_backend_kernels_compile
         if r["kernel"] not in MAIN_KERNELS or r["scenario"] == "bf16-d128-pool-pad-bias":
             continue
         if r["kernel"] == "_prefix_partial_kernel" and r["scenario"] == "fp16-d64-noncausal-gqa":

@@ -34,6 +34,7 @@ SCENARIOS = [
 ]
 # Kernels compiled a second time (FUSE_DQ=True) for deterministic=False.
 FUSED_DQ_KERNELS = ("_bwd_dkdv_kernel", "_prefix_partial_kernel")
+SDPA_KERNELS = ("_prefix_merge_fwd_kernel", "_bwd_dq_kernel")
 
 
 class _Sm90Driver:
@@ -110,7 +111,7 @@ def main(only=None) -> list:
 
     JITFunction.run = compile_only
     from helpers import Case
-    from prefixattn.kernels import triton_bwd, triton_fwd
+    from prefixattn.kernels import _triton_prefix_merge, triton_bwd, triton_fwd
 
     results = []
     for label, dtype_name, head_dim, overrides, causal, with_bias in SCENARIOS:
@@ -133,12 +134,21 @@ def main(only=None) -> list:
         # The opt-in fused-dQ backward (atomics): its dK/dV and prefix kernels are separate compiled variants.
         triton_bwd.backward(torch.randn_like(out), torch.randn_like(lse), q, k, v, *common, out, lse, causal,
                             head_dim ** -0.5, deterministic=False)
+        n_fused = len(compiled)
+        # The sdpa backend's Triton parts: the prefix merge forward and the prefix-keys-only dQ (dq +=).
+        pidx, plen = args.get("prefix_index"), args.get("prefix_lengths")
+        if pk is not None:
+            _triton_prefix_merge.merge_prefix(q, pk, pv, pidx, plen, torch.randn_like(q), lse, head_dim ** -0.5)
+            triton_bwd.prefix_backward(torch.randn_like(out), None, q, pk, pv, pidx, plen, out, lse,
+                                       torch.randn_like(q), head_dim ** -0.5)
         for i, (name, warps, stages, kernel) in enumerate(compiled):
-            deterministic = i < n_deterministic
-            if not deterministic and name not in FUSED_DQ_KERNELS:
+            deterministic = i < n_deterministic or i >= n_fused
+            if n_deterministic <= i < n_fused and name not in FUSED_DQ_KERNELS:
                 continue  # the same compiled kernel as in the deterministic backward
-            results.append(dict(scenario=label, kernel=name, deterministic=deterministic, num_warps=warps,
-                                num_stages=stages, **_resources(kernel, cuobjdump)))
+            if i >= n_fused and name not in SDPA_KERNELS:
+                continue  # preprocess / prefix partials: the kernels the triton backward compiled already
+            results.append(dict(scenario=label, kernel=name, deterministic=deterministic, sdpa=i >= n_fused,
+                                num_warps=warps, num_stages=stages, **_resources(kernel, cuobjdump)))
     return results
 
 

@@ -168,7 +168,7 @@ def prefixattn_attention(module, query: Tensor, key: Tensor, value: Tensor, atte
     out = prefix_attention(
         query, key, value, pk, pv, prefix_index=pidx, prefix_lengths=plen, causal=causal, key_padding_mask=kpm,
         softmax_scale=scaling, backend=store.backend if store is not None else "auto", attn_bias=bias,
-        dropout_p=float(dropout or 0.0),
+        dropout_p=float(dropout or 0.0), deterministic=store.deterministic if store is not None else True,
     )
     return out.transpose(1, 2), None
 

@@ -51,18 +51,21 @@ def set_flat_prefix(model, name: str, prefixes: dict) -> None:
     get_store(model).set_flat_prefix(name, prefixes)
 
 
-def init(model: PreTrainedModel, backend: str = "auto") -> PreTrainedModel:
+def init(model: PreTrainedModel, backend: str = "auto", deterministic: bool = True) -> PreTrainedModel:
     """Prepare `model` for prefix tuning through prefixattn; returns the same model.
 
-    backend: passed to every prefixattn.prefix_attention call ("auto", "triton", "cuda" or "torch").
-    Calling init again on a prepared model only changes the backend.
+    backend, deterministic: passed to every prefixattn.prefix_attention call (backend "auto", "triton", "cuda",
+    "sdpa" or "torch"; training on "sdpa" needs deterministic=False, see prefix_attention).
+    Calling init again on a prepared model only changes these two settings.
     """
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"prefixattn.init: expected a transformers PreTrainedModel, got {type(model).__name__}")
     check_backend_name(backend)
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"prefixattn.init: deterministic: expected a bool, got {type(deterministic).__name__}")
     existing = model._modules.get(STORE_NAME)
     if isinstance(existing, PrefixStore):
-        existing.backend = backend
+        existing.backend, existing.deterministic = backend, deterministic
         return model
     if existing is not None or STORE_NAME in model.__dict__:
         raise ValueError(f"prefixattn.init: {type(model).__name__} already has an attribute {STORE_NAME!r} "
@@ -70,7 +73,7 @@ def init(model: PreTrainedModel, backend: str = "auto") -> PreTrainedModel:
     sites, geometry = find_sites(model)  # raises before anything changes
     attn.register()
 
-    store = PrefixStore(geometry, backend=backend)
+    store = PrefixStore(geometry, backend=backend, deterministic=deterministic)
     _set_attn_implementation(model)
     model.add_module(STORE_NAME, store)
     probe = sites[0].module

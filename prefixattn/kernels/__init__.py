@@ -14,7 +14,7 @@ from typing import Optional
 
 from ..validation import Problem
 
-_MODULES = {"triton": ".triton_backend", "cuda": ".cuda_backend"}
+_MODULES = {"triton": ".triton_backend", "cuda": ".cuda_backend", "sdpa": ".sdpa_backend"}
 
 
 def triton_interpreting() -> bool:
@@ -50,20 +50,26 @@ def get_backend(name: str) -> ModuleType:
         from . import cuda_backend
 
         return cuda_backend
+    if name == "sdpa":
+        from . import sdpa_backend
+
+        return sdpa_backend
     raise ValueError(f"backend: expected one of {sorted(_MODULES)}, got {name!r}")
 
 
-def unsupported_reason(name: str, problem: Problem, *, needs_grad: bool) -> Optional[str]:
+def unsupported_reason(name: str, problem: Problem, *, needs_grad: bool, deterministic: bool = True) -> Optional[str]:
     """Why backend `name` cannot run this problem, or None if it can."""
     if name == "triton":
         reason = triton_unavailable_reason(problem.device)
         if reason is not None:
             return reason
+    if name == "sdpa":  # the one backend whose backward is not deterministic
+        return get_backend(name).unsupported_reason(problem, needs_grad=needs_grad, deterministic=deterministic)
     return get_backend(name).unsupported_reason(problem, needs_grad=needs_grad)
 
 
-def check_backend(name: str, problem: Problem, *, needs_grad: bool) -> None:
-    reason = unsupported_reason(name, problem, needs_grad=needs_grad)
+def check_backend(name: str, problem: Problem, *, needs_grad: bool, deterministic: bool = True) -> None:
+    reason = unsupported_reason(name, problem, needs_grad=needs_grad, deterministic=deterministic)
     if reason is not None:
         raise ValueError(f"backend: {name!r} cannot run this call: {reason}")
 

@@ -102,7 +102,10 @@ def _bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, POOLED: tl.constexpr, HAS_LENGTHS: tl.constexpr,
     HAS_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr,
+    SEQ_KEYS: tl.constexpr = True, ADD_DQ: tl.constexpr = False,
 ):
+    # SEQ_KEYS=False, ADD_DQ=True (the "sdpa" backend): only the prefix keys' share of dQ, added to the dq that
+    # the vendor kernel computed for the sequence keys.
     pid_m = tl.program_id(0)
     if CAUSAL:
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -141,28 +144,31 @@ def _bwd_dq_kernel(
                           start + offs_n, plen, offs_m, offs_d, qk_scale, seq_q, seq_k, BIAS, 0, 0, PAD, 0,
                           False, True, False, False, False, HEAD_DIM, BLOCK_D, DOT_PREC)
 
-    k_ptrs = K + b64 * stride_kb + kvh * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :]
-    v_ptrs = V + b64 * stride_vb + kvh * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :]
-    bias_base = BIAS + b64 * stride_bb + h64 * stride_bh
-    pad_base = PAD + b64 * stride_padb
-    if CAUSAL:
-        hi = tl.minimum(seq_k, m0 + BLOCK_M + seq_k - seq_q)
-        full_end = ((m0 + seq_k - seq_q + 1) // BLOCK_N) * BLOCK_N
-    else:
-        hi = seq_k
-        full_end = (seq_k // BLOCK_N) * BLOCK_N
-    for start in range(0, full_end, BLOCK_N):
-        dq = _dq_step(dq, q, do, lse2, delta, k_ptrs + start * stride_kn, v_ptrs + start * stride_vn,
-                      start + offs_n, seq_k, offs_m, offs_d, qk_scale, seq_q, seq_k, bias_base, stride_bm, stride_bn,
-                      pad_base, stride_padn, True, False, False, HAS_BIAS, HAS_PAD, HEAD_DIM, BLOCK_D, DOT_PREC)
-    for start in range(full_end, hi, BLOCK_N):
-        dq = _dq_step(dq, q, do, lse2, delta, k_ptrs + start * stride_kn, v_ptrs + start * stride_vn,
-                      start + offs_n, seq_k, offs_m, offs_d, qk_scale, seq_q, seq_k, bias_base, stride_bm, stride_bn,
-                      pad_base, stride_padn, True, True, CAUSAL, HAS_BIAS, HAS_PAD, HEAD_DIM, BLOCK_D, DOT_PREC)
+    if SEQ_KEYS:
+        k_ptrs = K + b64 * stride_kb + kvh * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :]
+        v_ptrs = V + b64 * stride_vb + kvh * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :]
+        bias_base = BIAS + b64 * stride_bb + h64 * stride_bh
+        pad_base = PAD + b64 * stride_padb
+        if CAUSAL:
+            hi = tl.minimum(seq_k, m0 + BLOCK_M + seq_k - seq_q)
+            full_end = ((m0 + seq_k - seq_q + 1) // BLOCK_N) * BLOCK_N
+        else:
+            hi = seq_k
+            full_end = (seq_k // BLOCK_N) * BLOCK_N
+        for start in range(0, full_end, BLOCK_N):
+            dq = _dq_step(dq, q, do, lse2, delta, k_ptrs + start * stride_kn, v_ptrs + start * stride_vn,
+                          start + offs_n, seq_k, offs_m, offs_d, qk_scale, seq_q, seq_k, bias_base, stride_bm, stride_bn,
+                          pad_base, stride_padn, True, False, False, HAS_BIAS, HAS_PAD, HEAD_DIM, BLOCK_D, DOT_PREC)
+        for start in range(full_end, hi, BLOCK_N):
+            dq = _dq_step(dq, q, do, lse2, delta, k_ptrs + start * stride_kn, v_ptrs + start * stride_vn,
+                          start + offs_n, seq_k, offs_m, offs_d, qk_scale, seq_q, seq_k, bias_base, stride_bm, stride_bn,
+                          pad_base, stride_padn, True, True, CAUSAL, HAS_BIAS, HAS_PAD, HEAD_DIM, BLOCK_D, DOT_PREC)
 
     dq = dq * scale
-    store_rows(DQ + b64 * stride_dqb + h64 * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
-               dq.to(DQ.dtype.element_ty), offs_m, seq_q, offs_d, HEAD_DIM, BLOCK_D)
+    dq_ptrs = DQ + b64 * stride_dqb + h64 * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :]
+    if ADD_DQ:
+        dq += load_rows(dq_ptrs, offs_m, seq_q, offs_d, HEAD_DIM, BLOCK_D, True).to(ACC)
+    store_rows(dq_ptrs, dq.to(DQ.dtype.element_ty), offs_m, seq_q, offs_d, HEAD_DIM, BLOCK_D)
 
 
 @triton.jit
@@ -279,6 +285,70 @@ def configs_for(head_dim: int, dtype: torch.dtype) -> Dict[str, KernelConfig]:
     return {name: config_for(name, head_dim, dtype) for name in ("bwd_dq", "bwd_dkdv", "bwd_dkdv_fused", "bwd_prefix")}
 
 
+def preprocess(dout, dlse, out, lse):
+    """Launch 1: (delta, lse2), [B, Hq, Sq] in the accumulation dtype (see the module docstring)."""
+    batch, heads_q, seq_q, head_dim = out.shape
+    delta = torch.empty((batch, heads_q, seq_q), dtype=acc_dtype(out.dtype), device=out.device)
+    lse2 = torch.empty_like(delta)
+    dlse_t = dlse if dlse is not None else lse
+    if delta.numel() > 0:
+        _bwd_preprocess_kernel[(triton.cdiv(seq_q, _PREPROCESS_BLOCK_M), batch * heads_q)](
+            out, dout, dlse_t, lse, delta, lse2,
+            out.stride(0), out.stride(1), out.stride(2),
+            dout.stride(0), dout.stride(1), dout.stride(2),
+            dlse_t.stride(0), dlse_t.stride(1), dlse_t.stride(2),
+            lse.stride(0), lse.stride(1), lse.stride(2),
+            heads_q, seq_q,
+            HEAD_DIM=head_dim, BLOCK_D=head_dim_block(head_dim), BLOCK_M=_PREPROCESS_BLOCK_M,
+            HAS_DLSE=dlse is not None, ACC=tl_acc(out.dtype), num_warps=4,
+        )
+    return delta, lse2
+
+
+def _launch_dq(q, k, v, pre: PrefixArgs, key_padding_mask, attn_bias, dout, lse2, delta, dq, causal: bool,
+               scale: float, cfg: KernelConfig, *, add: bool = False):
+    """Launch 2: dQ over the prefix keys and (k, v given) the sequence keys; add: dq += instead of dq =."""
+    batch, heads_q, seq_q, head_dim = q.shape
+    seq_keys = k is not None
+    if not seq_keys:  # prefix keys only: K/V are never read
+        k = v = pre.k[..., :0, :]
+    heads_kv, seq_k = k.shape[-3], k.shape[-2]
+    pad, stride_padb, stride_padn = padding_args(key_padding_mask, q)
+    bias = attn_bias if attn_bias is not None else q
+    sbb, sbh, sbm, sbn = bias_strides(attn_bias, (batch, heads_q, seq_q, seq_k))
+    _bwd_dq_kernel[(triton.cdiv(seq_q, cfg.block_m), batch * heads_q)](
+        q, k, v, pre.k, pre.v, pre.index, pre.lengths, pad, bias, dout, lse2, delta, dq,
+        q.stride(0), q.stride(1), q.stride(2),
+        *(k.stride()[-4:-1] if seq_keys else (0, 0, 0)),
+        *(v.stride()[-4:-1] if seq_keys else (0, 0, 0)),
+        *pre.stride_k, *pre.stride_v,
+        stride_padb, stride_padn,
+        sbb, sbh, sbm, sbn,
+        dout.stride(0), dout.stride(1), dout.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        heads_q, heads_q // heads_kv, seq_q, seq_k, pre.length, scale * LOG2E, scale,
+        HEAD_DIM=head_dim, BLOCK_D=head_dim_block(head_dim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        CAUSAL=causal and seq_keys, HAS_PREFIX=pre.present, POOLED=pre.pooled, HAS_LENGTHS=pre.has_lengths,
+        HAS_PAD=key_padding_mask is not None, HAS_BIAS=attn_bias is not None, ACC=tl_acc(q.dtype),
+        DOT_PREC=dot_precision(q.dtype), SEQ_KEYS=seq_keys, ADD_DQ=add,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+
+def prefix_backward(dout, dlse, q, prefix_k, prefix_v, prefix_index, prefix_lengths, out, lse, dq, scale: float):
+    """The prefix keys' part of the backward, for a dq that already holds the sequence keys' share: adds their
+    share of dQ into dq (in place) and returns (dprefix_k, dprefix_v). out and lse are those of the whole
+    attention ([prefix; sequence]); prefix_index must already be range-mapped. Deterministic."""
+    pre = PrefixArgs.build(prefix_k, prefix_v, prefix_index, prefix_lengths, q)
+    if not pre.present or q.numel() == 0:
+        return torch.zeros_like(prefix_k), torch.zeros_like(prefix_v)
+    delta, lse2 = preprocess(dout, dlse, out, lse)
+    head_dim = q.shape[-1]
+    _launch_dq(q, None, None, pre, None, None, dout, lse2, delta, dq, False, scale,
+               config_for("bwd_dq", head_dim, q.dtype), add=True)
+    return _triton_prefix_bwd.prefix_grads(q, dout, lse2, delta, pre, scale, config_for("bwd_prefix", head_dim, q.dtype))
+
+
 def backward(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, attn_bias,
              out, lse, causal: bool, scale: float, *, configs: Optional[Dict[str, KernelConfig]] = None,
              prefix_chunks: Optional[int] = None, deterministic: bool = True):
@@ -307,45 +377,16 @@ def backward(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengt
         return dq, torch.zeros_like(k), torch.zeros_like(v), dpk, dpv
 
     # 1. delta and base-2 lse, [B, Hq, Sq] in the accumulation dtype.
-    delta = torch.empty((batch, heads_q, seq_q), dtype=acc_dtype(q.dtype), device=q.device)
-    lse2 = torch.empty_like(delta)
-    dlse_t = dlse if dlse is not None else lse
-    if seq_q > 0:
-        _bwd_preprocess_kernel[(triton.cdiv(seq_q, _PREPROCESS_BLOCK_M), batch * heads_q)](
-            out, dout, dlse_t, lse, delta, lse2,
-            out.stride(0), out.stride(1), out.stride(2),
-            dout.stride(0), dout.stride(1), dout.stride(2),
-            dlse_t.stride(0), dlse_t.stride(1), dlse_t.stride(2),
-            lse.stride(0), lse.stride(1), lse.stride(2),
-            heads_q, seq_q,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=_PREPROCESS_BLOCK_M, HAS_DLSE=dlse is not None, ACC=acc,
-            num_warps=4,
-        )
+    delta, lse2 = preprocess(dout, dlse, out, lse)
 
     pad, stride_padb, stride_padn = padding_args(key_padding_mask, q)
     bias = attn_bias if attn_bias is not None else q
     sbb, sbh, sbm, sbn = bias_strides(attn_bias, (batch, heads_q, seq_q, seq_k))
 
     # 2. dQ over prefix and sequence keys (or, fused: a zeroed accumulator, same strides as q, for the atomics).
-    cfg = cfgs["bwd_dq"]
     dq_acc = torch.zeros_like(q, dtype=acc_dtype(q.dtype)) if fuse_dq else dq
     if seq_q > 0 and not fuse_dq:
-        _bwd_dq_kernel[(triton.cdiv(seq_q, cfg.block_m), batch * heads_q)](
-            q, k, v, pre.k, pre.v, pre.index, pre.lengths, pad, bias, dout, lse2, delta, dq,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            *pre.stride_k, *pre.stride_v,
-            stride_padb, stride_padn,
-            sbb, sbh, sbm, sbn,
-            dout.stride(0), dout.stride(1), dout.stride(2),
-            dq.stride(0), dq.stride(1), dq.stride(2),
-            heads_q, group, seq_q, seq_k, pre.length, qk_scale, scale,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            CAUSAL=causal, HAS_PREFIX=pre.present, POOLED=pre.pooled, HAS_LENGTHS=pre.has_lengths,
-            HAS_PAD=key_padding_mask is not None, HAS_BIAS=attn_bias is not None, ACC=acc, DOT_PREC=prec,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
+        _launch_dq(q, k, v, pre, key_padding_mask, attn_bias, dout, lse2, delta, dq, causal, scale, cfgs["bwd_dq"])
 
     # 3. dK, dV of the sequence keys (fused: and their share of dQ).
     cfg = cfgs["bwd_dkdv_fused" if fuse_dq else "bwd_dkdv"]

@@ -149,12 +149,13 @@ class ForwardContext:
 class PrefixStore(nn.Module):
     """All prefix adapters of one model, the active set, and the per-forward context."""
 
-    def __init__(self, geometry: ModelGeometry, backend: str = "auto"):
+    def __init__(self, geometry: ModelGeometry, backend: str = "auto", deterministic: bool = True):
         super().__init__()
         self.geometry = geometry
         self.adapters = nn.ModuleDict()
         self.active: list[str] = []
         self.backend = backend
+        self.deterministic = deterministic
         self._structure_version = 0
         self._cache: Optional[tuple] = None
         self._current: Optional[ForwardContext] = None

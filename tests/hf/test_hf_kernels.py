@@ -69,6 +69,42 @@ def test_tiny_llama_training_through_the_triton_interpreter():
         assert rel_err(results["triton"][1][name], ref) <= TOLERANCE[torch.float32], name
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter test is for CPU runs")
+def test_tiny_llama_through_the_sdpa_backend():
+    """backend="sdpa" (CPU flash + Triton prefix merge): forward, a training step's prefix gradients, and greedy
+    generate (non-causal decode steps) equal the reference backend's. Unpadded: that backend takes no mask."""
+    ids = torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(1))
+    results = {}
+    for backend in ("torch", "sdpa"):
+        model = _prepared("llama", backend, hidden_size=64)
+        prefixattn.init(model, backend=backend, deterministic=False)
+        model.train_adapter("a")
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        model.eval()
+        with torch.no_grad():
+            gen = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
+        results[backend] = (out.logits.detach(), grads, gen)
+    (ref_logits, ref_grads, ref_gen), (logits, grads, gen) = results["torch"], results["sdpa"]
+    assert rel_err(logits, ref_logits) <= TOLERANCE[torch.float32]
+    assert ref_grads and grads.keys() == ref_grads.keys()
+    for name, ref in ref_grads.items():
+        assert rel_err(grads[name], ref) <= TOLERANCE[torch.float32], name
+    assert torch.equal(gen, ref_gen)
+
+
+def test_init_sets_deterministic():
+    model = build("llama")
+    prefixattn.init(model, backend="sdpa", deterministic=False)
+    store = model._modules[prefixattn.hf.install.STORE_NAME]
+    assert (store.backend, store.deterministic) == ("sdpa", False)
+    prefixattn.init(model)
+    assert (store.backend, store.deterministic) == ("auto", True)
+    with pytest.raises(TypeError, match="deterministic"):
+        prefixattn.init(model, deterministic="no")
+
+
 def _gpu_model(family, backend):
     model = _prepared(family, backend).to("cuda", torch.bfloat16)
     return model

@@ -1,0 +1,191 @@
+"""The "sdpa" backend: PyTorch's fused attention kernels on the sequence keys, Triton on the prefix, merged exactly.
+
+Forward: the sequence kernel (cuDNN, else flash; on the CPU the flash CPU kernel) returns (o_seq, lse_seq) over
+the sequence keys; `_triton_prefix_merge` starts the online softmax from that state and folds in the prefix
+tiles, read in place from the prefix buffer. Nothing is concatenated and no [B, Hq, Sq, P] scores are stored.
+
+Backward: given the final out and lse, each key's share of the gradient is independent of the others:
+P_ij = exp(s_ij - lse_i), dS_ij = P_ij (dP_ij - delta_i) with delta_i = rowsum(dO_i * O_i). So the vendor
+backward, called with the *final* (out, lse) instead of its own, returns exactly the sequence keys' share of dq
+and their dk, dv; `triton_bwd.prefix_backward` adds the prefix keys' share of dq and computes dprefix_k/v
+(deterministic, batch-bounded, as on the triton backend). A gradient through the returned lse (dlse) shifts
+delta, which the vendor backward cannot take: such calls run the triton backward instead (same function).
+
+Why: the vendor kernels are the fastest causal attention there is on the sequence part (cuDNN ~500 TFLOP/s
+on an H200 vs ~270 for our Triton forward, benchmarks/NOTES.md), and the prefix part is small, unmasked work.
+Limits: no key padding, no attn_bias, causal only with Sq == Sk or Sq == 1 (where the vendor kernels agree with
+the bottom-right mask), 16-bit
+inputs on the GPU; the vendor backward accumulates dq with atomics, so a call that needs gradients must pass
+deterministic=False.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..validation import Problem
+from . import triton_unavailable_reason
+
+aten = torch.ops.aten
+
+# The sequence kernel used on CUDA: "auto" = cuDNN where torch says it can run, else flash. Benchmarks pin one.
+SEQUENCE_KERNEL = "auto"
+_CUDA_KERNELS = ("cudnn", "flash")
+
+
+def unsupported_reason(problem: Problem, *, needs_grad: bool, deterministic: bool = True) -> Optional[str]:
+    reason = triton_unavailable_reason(problem.device)
+    if reason is not None:
+        return reason + " (the sdpa backend runs the prefix part in Triton)"
+    if problem.has_key_padding:
+        return "key_padding_mask is not supported (the fused sequence kernels take no per-key mask)"
+    if problem.has_bias:
+        return "attn_bias is not supported"
+    if problem.causal and problem.seqlen_q not in (1, problem.seqlen_k):
+        return (f"causal attention needs Sq == Sk here (got Sq={problem.seqlen_q}, Sk={problem.seqlen_k}): "
+                f"the vendor kernels disagree on the alignment of a non-square causal mask")
+    if needs_grad and deterministic:
+        return ("its backward runs cuDNN/flash attention, which accumulate dq with atomics (not deterministic); "
+                "pass deterministic=False to use it for training")
+    if problem.device.type == "cuda":
+        if problem.dtype not in (torch.float16, torch.bfloat16):
+            return f"dtype {problem.dtype} on CUDA (the fused kernels take float16 and bfloat16)"
+        if sequence_kernel(problem, needs_grad) is None:
+            return (f"neither cuDNN nor flash attention can run this shape in torch {torch.__version__} "
+                    f"(Hq={problem.heads_q}, Hkv={problem.heads_kv}, Sq={problem.seqlen_q}, Sk={problem.seqlen_k}, "
+                    f"D={problem.head_dim}, {problem.dtype})")
+    return None
+
+
+def sequence_kernel(problem: Problem, needs_grad: bool) -> Optional[str]:
+    """"cpu_flash" on the CPU; on CUDA the pinned SEQUENCE_KERNEL, or cuDNN where torch's own dispatcher would
+    allow it, else flash; None when neither can run."""
+    if problem.device.type != "cuda":
+        return "cpu_flash"
+    candidates = _CUDA_KERNELS if SEQUENCE_KERNEL == "auto" else (SEQUENCE_KERNEL,)
+    for name in candidates:
+        if _torch_can_run(name, problem.device.index, problem.batch, problem.heads_q, problem.heads_kv,
+                          problem.seqlen_q, problem.seqlen_k, problem.head_dim, problem.dtype,
+                          problem.causal and problem.seqlen_q > 1, needs_grad):
+            return name
+    return None
+
+
+@lru_cache(maxsize=256)
+def _torch_can_run(name, device_index, batch, heads_q, heads_kv, seq_q, seq_k, head_dim, dtype, causal,
+                   needs_grad) -> bool:
+    """Ask torch's SDPA dispatcher, on stand-in tensors of the right shape that own almost no memory."""
+    if seq_k == 0 or seq_q == 0 or batch == 0 or heads_q == 0:
+        return False
+    device = torch.device("cuda", device_index if device_index is not None else torch.cuda.current_device())
+
+    def stand_in(heads, seq):
+        t = torch.empty_strided((batch, heads, seq, head_dim), (0, 0, 0, 1), dtype=dtype, device=device)
+        return t.requires_grad_(needs_grad)
+
+    params = torch.backends.cuda.SDPAParams(stand_in(heads_q, seq_q), stand_in(heads_kv, seq_k),
+                                            stand_in(heads_kv, seq_k), None, 0.0, causal, heads_q != heads_kv)
+    check = (torch.backends.cuda.can_use_cudnn_attention if name == "cudnn"
+             else torch.backends.cuda.can_use_flash_attention)
+    return bool(check(params, False))
+
+
+def _sequence_causal(causal: bool, q: Tensor) -> bool:
+    """A single query row sees every key under the bottom-right causal mask: run it non-causal (the vendor
+    kernels' causal mask is top-left for Sq != Sk)."""
+    return causal and q.shape[2] > 1
+
+
+def _problem_of(q: Tensor, k: Tensor, causal: bool) -> Problem:
+    b, hq, sq, d = q.shape
+    return Problem(b, hq, k.shape[1], sq, k.shape[2], d, 0, 0, False, q.dtype, q.device, 1.0, causal, False, False)
+
+
+def _sequence_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float):
+    """(o_seq [B, Hq, Sq, D], lse_seq [B, Hq, Sq] natural log) of attention over the sequence keys only."""
+    causal = _sequence_causal(causal, q)
+    kernel = sequence_kernel(_problem_of(q, k, causal), needs_grad=False)
+    if kernel == "cpu_flash":
+        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+    elif kernel == "cudnn":
+        out, lse = aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False, scale=scale)[:2]
+    elif kernel == "flash":
+        out, lse = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[:2]
+    else:
+        raise RuntimeError(f"sdpa backend: no fused kernel can run q {tuple(q.shape)} {q.dtype} on {q.device}")
+    # cuDNN returns [B, Hq, Sq, 1]; keep exactly Sq entries whatever padding a kernel adds.
+    return out, lse.reshape(q.shape[0], q.shape[1], -1)[..., : q.shape[2]]
+
+
+def _sequence_backward(dout, q, k, v, out, lse, causal: bool, scale: float):
+    """The sequence keys' share of (dq, dk, dv), from the final out and lse of the whole attention."""
+    causal = _sequence_causal(causal, q)
+    kernel = sequence_kernel(_problem_of(q, k, causal), needs_grad=True)
+    if kernel == "cpu_flash":
+        return aten._scaled_dot_product_flash_attention_for_cpu_backward(dout, q, k, v, out, lse, 0.0, causal,
+                                                                         scale=scale)
+    lse32 = lse.float().contiguous()
+    if dout.stride() != out.stride():  # cuDNN reads dO with O's layout
+        dout = torch.empty_like(out).copy_(dout)
+    b, hq, sq, _ = q.shape
+    seq_k = k.shape[2]
+    if kernel == "cudnn":
+        zero = torch.zeros((), dtype=torch.int64, device=q.device)  # dropout seed/offset: unused at p = 0
+        return aten._scaled_dot_product_cudnn_attention_backward(
+            dout, q, k, v, out, lse32.unsqueeze(-1), zero, zero, None, None, None, sq, seq_k, 0.0, causal,
+            scale=scale)
+    if kernel == "flash":
+        zero = torch.zeros((), dtype=torch.int64, device=q.device)
+        return aten._scaled_dot_product_flash_attention_backward(
+            dout, q, k, v, out, lse32, None, None, sq, seq_k, 0.0, causal, zero, zero, scale=scale)
+    raise RuntimeError(f"sdpa backend: no fused kernel can run the backward of q {tuple(q.shape)} {q.dtype}")
+
+
+def _like(grad: Tensor, x: Tensor) -> Tensor:
+    """grad with x's strides (the custom op declares its gradients as torch.empty_like of the inputs)."""
+    return grad if grad.stride() == x.stride() else torch.empty_like(x).copy_(grad)
+
+
+def forward(q: Tensor, k: Tensor, v: Tensor, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask,
+            attn_bias, causal: bool, scale: float):
+    from . import _triton_prefix_merge
+    from .triton_backend import _in_range
+
+    if k.shape[2] == 0 or q.numel() == 0:  # no sequence key (or no query): the triton kernels cover it exactly
+        from . import triton_fwd
+
+        prefix_index, prefix_lengths = _in_range(prefix_k, prefix_index, prefix_lengths)
+        return triton_fwd.forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, None, None, causal,
+                                  scale)
+    out_seq, lse_seq = _sequence_forward(q, k, v, causal, scale)
+    if prefix_k is None:  # the layouts the custom op declares: out [B, Sq, Hq, D] memory, lse contiguous
+        b, hq, sq, d = q.shape
+        out = torch.empty((b, sq, hq, d), dtype=q.dtype, device=q.device).transpose(1, 2)
+        lse = torch.empty((b, hq, sq), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
+                          device=q.device)
+        return out.copy_(out_seq), lse.copy_(lse_seq)
+    prefix_index, prefix_lengths = _in_range(prefix_k, prefix_index, prefix_lengths)
+    return _triton_prefix_merge.merge_prefix(q, prefix_k, prefix_v, prefix_index, prefix_lengths, out_seq, lse_seq,
+                                             scale)
+
+
+def backward(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, attn_bias,
+             out, lse, causal: bool, scale: float, *, deterministic: bool = False):
+    from . import triton_bwd
+    from .triton_backend import _in_range
+
+    prefix_index, prefix_lengths = _in_range(prefix_k, prefix_index, prefix_lengths)
+    if dlse is not None or k.shape[2] == 0 or q.numel() == 0:
+        # dlse shifts delta, which the vendor backward computes itself; the triton backward takes it.
+        return triton_bwd.backward(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, None,
+                                   None, out, lse, causal, scale)
+    dq, dk, dv = (_like(g, x) for g, x in zip(_sequence_backward(dout, q, k, v, out, lse, causal, scale), (q, k, v)))
+    if prefix_k is None:
+        return dq, dk, dv, None, None
+    dpk, dpv = triton_bwd.prefix_backward(dout, None, q, prefix_k, prefix_v, prefix_index, prefix_lengths, out, lse,
+                                          dq, scale)
+    return dq, dk, dv, dpk, dpv

@@ -1,0 +1,220 @@
+"""The "sdpa" backend (fused vendor attention on the sequence keys + Triton prefix merge) against the reference.
+
+On the CPU the sequence part runs PyTorch's flash CPU kernel (float64 works) and the prefix part Triton's
+interpreter, so the composition itself - the merge of the forward states and the vendor backward fed the final
+(out, lse) - is checked exactly in float64. The cuDNN and flash CUDA kernels are checked in the GPU tests.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from helpers import TOLERANCE, Case, grads_of, rel_err
+from prefixattn import prefix_attention
+from prefixattn.reference import prefix_attention_reference
+
+NAMES = ("out", "lse", "dq", "dk", "dv", "dprefix_k", "dprefix_v")
+
+
+def run_both(case: Case, dtype, device="cpu", *, grad_lse=False, generator=None, **kwargs):
+    """(sdpa backend results, float64 reference results) for one random case, forward and gradients."""
+    tensors, args = case.make(dtype=dtype, device=device, generator=generator)
+    out, lse = prefix_attention(*tensors, **args, backend="sdpa", deterministic=False, return_lse=True, **kwargs)
+    g = torch.Generator().manual_seed(3)
+    dout = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    dlse = torch.randn(lse.shape, generator=g, dtype=torch.float64)
+    outs, gouts = [out], [dout.to(device, dtype)]
+    if grad_lse:
+        outs.append(lse)
+        gouts.append(dlse.to(device, lse.dtype))
+    got = [out, lse, *grads_of(outs, tensors, gouts)]
+
+    ref_in = [t.detach().double().cpu().requires_grad_() if t is not None else None for t in tensors]
+    ref_args = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+    ref_out, ref_lse = prefix_attention_reference(*ref_in, **ref_args, return_lse=True)
+    routs, rgouts = [ref_out], [dout]
+    if grad_lse:
+        routs.append(ref_lse)
+        rgouts.append(dlse)
+    ref = [ref_out, ref_lse, *grads_of(routs, ref_in, rgouts)]
+    return got, ref
+
+
+def check(got, ref, dtype):
+    for name, a, b in zip(NAMES, got, ref):
+        if b is None:
+            assert a is None, name
+            continue
+        assert a.shape == b.shape, (name, a.shape, b.shape)
+        err = rel_err(a.cpu(), b)
+        assert err <= TOLERANCE[dtype], f"{name}: rel err {err:.3g} > {TOLERANCE[dtype]:g}"
+
+
+CASES = {
+    "causal-shared": dict(heads_q=4, heads_kv=4, seqlen_q=37, seqlen_k=37, prefix_len=5),
+    "causal-gqa-tail": dict(heads_q=4, heads_kv=1, seqlen_q=40, seqlen_k=40, prefix_len=19, head_dim=24),
+    "noncausal-cross": dict(heads_q=4, heads_kv=2, seqlen_q=13, seqlen_k=50, prefix_len=20, causal=False),
+    "decode-like": dict(heads_q=8, heads_kv=2, seqlen_q=1, seqlen_k=33, prefix_len=16, causal=False),
+    "decode-causal": dict(heads_q=8, heads_kv=2, seqlen_q=1, seqlen_k=33, prefix_len=16, causal=True),
+    "pool-lengths": dict(batch=5, heads_q=4, heads_kv=2, seqlen_q=19, seqlen_k=19, prefix_len=17, pool=3,
+                         lengths=True),
+    "hf-layout": dict(heads_q=4, heads_kv=2, seqlen_q=21, seqlen_k=21, prefix_len=9, noncontiguous=True),
+    "no-prefix": dict(seqlen_q=17, seqlen_k=17, prefix_len=0),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_reference_float64(name):
+    got, ref = run_both(Case(**CASES[name]), torch.float64)
+    check(got, ref, torch.float64)
+
+
+def test_matches_reference_float32():
+    got, ref = run_both(Case(batch=2, heads_q=4, heads_kv=2, seqlen_q=33, seqlen_k=33, prefix_len=20),
+                        torch.float32)
+    check(got, ref, torch.float32)
+
+
+def test_output_and_gradient_layouts():
+    """out is [B, Sq, Hq, D] memory (as the custom op declares); every gradient has its input's strides."""
+    case = Case(heads_q=4, heads_kv=2, seqlen_q=21, seqlen_k=21, prefix_len=9, noncontiguous=True)
+    tensors, args = case.make()
+    out = prefix_attention(*tensors, **args, backend="sdpa", deterministic=False)
+    assert out.transpose(1, 2).is_contiguous()
+    grads = grads_of(out, tensors, torch.randn_like(out))
+    for t, g in zip(tensors, grads):
+        assert g.stride() == t.stride()
+    out_np = prefix_attention(*tensors[:3], **args, backend="sdpa", deterministic=False)  # no prefix
+    assert out_np.transpose(1, 2).is_contiguous()
+
+
+def test_vendor_backward_gets_the_final_out_and_lse(monkeypatch):
+    """Without dlse the sequence gradients come from the vendor backward, fed the merged (out, lse); with a
+    gradient through lse the triton backward runs instead. Both match the reference."""
+    from prefixattn.kernels import sdpa_backend
+
+    calls = []
+    real = sdpa_backend._sequence_backward
+
+    def spy(dout, q, k, v, out, lse, causal, scale):
+        calls.append((out.data_ptr(), lse.data_ptr()))
+        return real(dout, q, k, v, out, lse, causal, scale)
+
+    monkeypatch.setattr(sdpa_backend, "_sequence_backward", spy)
+    case = Case(heads_q=4, heads_kv=2, seqlen_q=25, seqlen_k=25, prefix_len=7)
+    got, ref = run_both(case, torch.float64)
+    check(got, ref, torch.float64)
+    assert len(calls) == 1 and calls[0] == (got[0].data_ptr(), got[1].data_ptr())
+    got, ref = run_both(case, torch.float64, grad_lse=True)
+    check(got, ref, torch.float64)
+    assert len(calls) == 1
+
+
+def test_only_prefix_keys():
+    """Non-causal with no sequence key at all: the prefix alone (and rows of sequences without an entry are
+    empty: zeros, lse = -inf)."""
+    case = Case(batch=3, heads_q=2, heads_kv=1, seqlen_q=4, seqlen_k=0, prefix_len=6, pool=2, causal=False)
+    got, ref = run_both(case, torch.float64)
+    check(got, ref, torch.float64)
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batch=st.integers(1, 3), heads_kv=st.integers(1, 2), group=st.sampled_from([1, 2, 4]),
+       seq=st.integers(1, 40), extra_k=st.integers(0, 20), head_dim=st.sampled_from([16, 24, 32]),
+       prefix_len=st.integers(0, 40), pool=st.integers(0, 2), causal=st.booleans(), seed=st.integers(0, 2**16))
+def test_random_shapes(batch, heads_kv, group, seq, extra_k, head_dim, prefix_len, pool, causal, seed):
+    case = Case(batch=batch, heads_q=heads_kv * group, heads_kv=heads_kv, seqlen_q=seq,
+                seqlen_k=seq if causal else seq + extra_k, head_dim=head_dim, prefix_len=prefix_len,
+                pool=pool if prefix_len else 0, lengths=pool > 0, causal=causal)
+    got, ref = run_both(case, torch.float64, generator=torch.Generator().manual_seed(seed))
+    check(got, ref, torch.float64)
+
+
+def test_compiles_whole():
+    case = Case(heads_q=4, heads_kv=2, seqlen_q=20, seqlen_k=20, prefix_len=6)
+    (q, k, v, pk, pv), args = case.make()
+
+    def f(q, pk):
+        return prefix_attention(q, k, v, pk, pv, backend="sdpa", deterministic=False).square().sum()
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    got = torch.autograd.grad(compiled(q, pk), (q, pk))
+    want = torch.autograd.grad(f(q, pk), (q, pk))
+    for a, b in zip(got, want):
+        assert rel_err(a, b) <= 1e-12
+
+
+# ----------------------------------------------------------------------------------------------- refusals
+def _tensors(**kw):
+    return Case(**kw).make()
+
+
+def test_training_needs_deterministic_false():
+    (q, k, v, pk, pv), _ = _tensors()
+    with pytest.raises(ValueError, match="deterministic=False"):
+        prefix_attention(q, k, v, pk, pv, backend="sdpa")
+    with torch.no_grad():  # inference: the forward is deterministic, no opt-in needed
+        prefix_attention(q, k, v, pk, pv, backend="sdpa")
+
+
+@pytest.mark.parametrize("what", ["padding", "bias", "causal-nonsquare"])
+def test_refuses_what_the_vendor_kernels_cannot_take(what):
+    case = Case(padding="right") if what == "padding" else Case(seqlen_q=5, seqlen_k=9) \
+        if what == "causal-nonsquare" else Case()
+    (q, k, v, pk, pv), args = case.make(requires_grad=False)
+    if what == "bias":
+        args["attn_bias"] = torch.zeros(1, 1, case.seqlen_q, case.seqlen_k, dtype=torch.float64)
+    match = {"padding": "key_padding_mask", "bias": "attn_bias", "causal-nonsquare": "Sq == Sk"}[what]
+    with pytest.raises(ValueError, match=match):
+        prefix_attention(q, k, v, pk, pv, **args, backend="sdpa", deterministic=False)
+
+
+def test_refuses_cpu_without_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    (q, k, v, pk, pv), args = Case().make(requires_grad=False)
+    with pytest.raises(ValueError, match="Triton needs a CUDA device"):
+        prefix_attention(q, k, v, pk, pv, **args, backend="sdpa")
+
+
+# --------------------------------------------------------------------------------------------------- GPU
+GPU_CASES = {
+    "causal-mha": dict(heads_q=8, heads_kv=8),
+    "causal-gqa-pool": dict(heads_q=8, heads_kv=2, pool=3, lengths=True),
+    "noncausal-cross": dict(heads_q=8, heads_kv=2, causal=False, seqlen_q=300, seqlen_k=777),
+    "hf-layout": dict(heads_q=8, heads_kv=4, noncontiguous=True),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["cudnn", "flash"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", list(GPU_CASES))
+def test_gpu_against_reference(name, dtype, head_dim, kernel, monkeypatch):
+    from prefixattn.kernels import sdpa_backend
+
+    monkeypatch.setattr(sdpa_backend, "SEQUENCE_KERNEL", kernel)
+    sdpa_backend._torch_can_run.cache_clear()
+    params = dict(batch=2, seqlen_q=1024, seqlen_k=1024, head_dim=head_dim, prefix_len=128)
+    params.update(GPU_CASES[name])
+    case = Case(**params)
+    tensors, args = case.make(dtype=dtype, device="cuda", requires_grad=False)
+    from prefixattn.validation import validate
+
+    problem = validate(*tensors, **args)
+    if sdpa_backend.sequence_kernel(problem, True) is None:
+        pytest.skip(f"torch cannot run {kernel} for this shape")
+    got, ref = run_both(case, dtype, device="cuda", generator=torch.Generator().manual_seed(7))
+    check(got, ref, dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_inference_without_opt_in():
+    case = Case(batch=2, heads_q=8, heads_kv=2, seqlen_q=512, seqlen_k=512, head_dim=128, prefix_len=64)
+    (q, k, v, pk, pv), args = case.make(dtype=torch.bfloat16, device="cuda", requires_grad=False)
+    out = prefix_attention(q, k, v, pk, pv, **args, backend="sdpa")
+    ref = prefix_attention_reference(q.double(), k.double(), v.double(), pk.double(), pv.double(), **args)
+    assert rel_err(out, ref) <= TOLERANCE[torch.bfloat16]
