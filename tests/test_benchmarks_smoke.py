@@ -41,7 +41,8 @@ def test_attention_smoke_writes_table_json(tmp_path):
     rows = [r for r in records if r["kind"] == "attention"]
     keys = {"shape", "B", "Hq", "Hkv", "S", "D", "P", "method", "mode", "ms", "ms_p20", "ms_p80", "TFLOPs", "correct"}
     assert rows and all(keys <= set(r) for r in rows)
-    assert {r["method"] for r in rows} == {"prefixattn", "concat_mask", "floor"}
+    # under TRITON_INTERPRET=1 (every CPU test run) the sdpa backend runs too: CPU flash + Triton interpreter
+    assert {r["method"] for r in rows} == {"prefixattn", "concat_mask", "floor", "prefixattn_sdpa"}
     assert {r["mode"] for r in rows} == {"fwd", "fwdbwd"}
     assert {r["shape"] for r in rows} == {"main", "gqa"}
     assert all(r["ms"] > 0 for r in rows)
@@ -49,8 +50,17 @@ def test_attention_smoke_writes_table_json(tmp_path):
     assert checks and all(c["ok"] for c in checks)
     assert any("dprefix_k_rel_err" in c for c in checks)  # gradients are checked too, the prefix's included
     tg = [r for r in records if r["kind"] == "attention_target"]
-    assert {(t["shape"], t["mode"]) for t in tg} == {(s, m) for s in ("main", "gqa") for m in ("fwd", "fwdbwd")}
-    assert "prefixattn/limit" in (tmp_path / "attention.txt").read_text()
+    assert {(t["method"], t["shape"], t["mode"]) for t in tg} == {
+        (a, s, m) for a in ("prefixattn", "prefixattn_sdpa") for s in ("main", "gqa") for m in ("fwd", "fwdbwd")}
+    text = (tmp_path / "attention.txt").read_text()
+    assert "prefixattn/limit" in text and "pa_sdpa verdict" in text
+
+
+def test_attention_methods_option_times_only_those(tmp_path):
+    rc = attention.main(["--smoke", "--out", str(tmp_path), "--phases", "main", "--methods", "prefixattn_sdpa"])
+    assert rc == 0
+    rows = [r for r in load(tmp_path / "attention.json") if r["kind"] == "attention"]
+    assert {r["method"] for r in rows} == {"prefixattn_sdpa", "concat_mask"}
 
 
 def test_decode_smoke_writes_table_json(tmp_path):
@@ -88,9 +98,19 @@ def test_e2e_smoke_writes_json(tmp_path):
     assert {r["method"] for r in records if r["kind"] == "e2e_kvbudget"} == {"prefixattn", "concat"}
     if hasattr(prefixattn, "init"):  # once the transformers integration lands, it must run here
         assert rc == 0 and "prefixattn" in train and "prefixattn" in gen
+        assert "prefixattn_sdpa" in train  # the interpreter runs its Triton prefix part on the CPU
+        targets = {r["what"] for r in records if r["kind"] == "e2e_target"}
+        assert "train step prefixattn_sdpa / no prefix" in targets
         assert gen["prefixattn"]["cache_holds_prefix"] is False
     else:
         assert any(r["kind"] == "unavailable" and r["method"] == "prefixattn" for r in records)
+
+
+def test_e2e_train_methods_option(tmp_path):
+    rc = e2e.main(["--smoke", "--out", str(tmp_path), "--phases", "train", "--train-methods", "floor,prefixattn_sdpa"])
+    assert rc == 0
+    train = {r["method"] for r in load(tmp_path / "e2e.json") if r["kind"] == "e2e_train_step"}
+    assert train == {"floor", "prefixattn_sdpa"}
 
 
 @pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash, timeout")

@@ -14,6 +14,9 @@ Methods (each checked against concat_mask on the same inputs before it is timed)
   prefixattn         prefixattn.prefix_attention(q, k, v, prefix_k, prefix_v, causal=True, backend=...).
   prefixattn_fast    the same with deterministic=False (dq by fp32 atomics); fwd+bwd only (the forward is the
                      same), GPU runs only.
+  prefixattn_sdpa    prefix_attention(..., backend="sdpa", deterministic=False): cuDNN (else flash) on the
+                     sequence keys, Triton prefix merge; its backward feeds the vendor backward the final
+                     (out, lse). GPU runs, and smoke runs under TRITON_INTERPRET=1.
 
 fwd is timed under torch.no_grad(); fwd+bwd runs the forward with autograd and then
 torch.autograd.grad(out, [q, k, v, prefix_k, prefix_v], grad_out) with a random grad_out (the prefix
@@ -31,6 +34,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from .. import kernels
 from . import report, timing
 from .timing import Deadline, Progress, ResultWriter, error_text, rel_err
 
@@ -268,6 +272,15 @@ def build_prefixattn_fast(backend: str) -> list[Method]:
                    forward=False)]
 
 
+def build_prefixattn_sdpa() -> list[Method]:
+    import prefixattn
+
+    def fwd(q, k, v, pk, pv):
+        return prefixattn.prefix_attention(q, k, v, pk, pv, causal=True, backend="sdpa", deterministic=False)
+
+    return [Method("prefixattn_sdpa", fwd, "prefixattn.prefix_attention(backend='sdpa', deterministic=False)")]
+
+
 # ---------------------------------------------------------------------------------------------- inputs
 
 
@@ -474,13 +487,14 @@ class Bench(timing.BenchRun):
             builders = dict(
                 prefixattn=lambda: build_prefixattn(self.args.backend),
                 prefixattn_fast=lambda: build_prefixattn_fast(self.args.backend),
+                prefixattn_sdpa=build_prefixattn_sdpa,
                 concat_mask=lambda: concat,
                 concat_lowerright=lambda: build_concat_lowerright(shape, plen, dev),
                 split_merge=lambda: build_split_merge(shape, plen, dev),
                 concat_flex=lambda: build_concat_flex(shape, plen, dev),
             )
-            for name in ("prefixattn", "prefixattn_fast", "concat_mask", "concat_lowerright", "split_merge",
-                         "concat_flex"):
+            for name in ("prefixattn", "prefixattn_fast", "prefixattn_sdpa", "concat_mask", "concat_lowerright",
+                         "split_merge", "concat_flex"):
                 if name not in methods:
                     continue
                 try:
@@ -500,9 +514,14 @@ class Bench(timing.BenchRun):
         all_p = SMOKE_PREFIX_LENS if self.smoke else PREFIX_LENS
         methods = ["prefixattn", "concat_mask", "floor"]
         if timing.is_cuda(self.device):
-            methods += ["concat_lowerright", "split_merge"]
+            methods += ["concat_lowerright", "split_merge", "prefixattn_sdpa"]
             if self.args.backend == "triton":  # the only backend with a non-deterministic backward
                 methods.append("prefixattn_fast")
+        elif kernels.triton_interpreting():
+            methods.append("prefixattn_sdpa")
+        if self.args.methods:  # a targeted rerun; concat_mask stays: it is what every method is checked against
+            keep = set(self.args.methods.split(",")) | {"concat_mask"}
+            methods = [m for m in methods if m in keep]
         if "ceiling" in phases:
             self.ceilings()
         for name in ("main", "gqa", "d64"):
@@ -528,6 +547,8 @@ def parse_args(argv):
     p.add_argument("--phases", default=",".join(PHASES), help=f"comma list of {','.join(PHASES)}")
     p.add_argument("--quick", action="store_true", help="gqa/d64 at P=128 only, no split+merge there")
     p.add_argument("--skip-flex", action="store_true", help="skip the FlexAttention phase (slow to compile)")
+    p.add_argument("--methods", default=None, help="comma list: time only these methods (concat_mask, the "
+                   "reference of the checks, always runs), e.g. prefixattn,prefixattn_sdpa,floor")
     p.add_argument("--flex-all-p", action="store_true", help="FlexAttention at every P, not just 128")
     p.add_argument("--backend", default=None, help="prefixattn backend (default: triton on CUDA, torch on CPU)")
     p.add_argument("--out", default=None, help="output directory (default: benchmarks/results; with --smoke a temporary directory, so CPU numbers never overwrite GPU results)")

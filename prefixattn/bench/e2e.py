@@ -6,7 +6,9 @@ Phases (each builds fresh models from the same seed, so every method sees identi
             backward runs through the whole network (the anchors' base_frozen_input_grad_floor);
             peft = get_peft_model(PrefixTuningConfig(num_virtual_tokens=P)) (prefix_projection=False);
             prefixattn = prefixattn.init + add_adapter(PrefixTuningConfig(prefix_length=P, flat=False)) +
-            train_adapter (the MLP runs once per forward); prefixattn_flat = the same with flat=True.
+            train_adapter (the MLP runs once per forward); prefixattn_flat = the same with flat=True;
+            prefixattn_sdpa = the MLP adapter on init(model, backend="sdpa", deterministic=False) (cuDNN on
+            the sequence keys, Triton prefix merge; a non-deterministic backward, like the floor's).
   generate  greedy generate(), B=64, prompt 256, 128 new tokens (min_new_tokens = max_new_tokens):
             noprefix; peft (PEFT's own generate(), recorded for what it does: whether its tokens equal
             the no-prefix run's or the run with PEFT's prefix in the cache); concat = the model's own
@@ -31,6 +33,7 @@ from typing import Callable, Optional
 
 import torch
 
+from .. import kernels
 from . import report, timing
 from .timing import Deadline, Progress, ResultWriter
 
@@ -141,12 +144,13 @@ def random_prefix(model, plen: int, device, dtype):
              torch.randn(1, hkv, plen, d, generator=g).to(device, dtype)) for _ in range(cfg.num_hidden_layers)]
 
 
-def prefixattn_model(settings: Settings, device, dtype, *, flat: bool, train: bool):
+def prefixattn_model(settings: Settings, device, dtype, *, flat: bool, train: bool, backend: str = "auto",
+                     deterministic: bool = True):
     """A model with a prefixattn adapter, per the package's transformers API (prefixattn/hf)."""
     import prefixattn
 
     model = build_model(settings, device, dtype)
-    ret = prefixattn.init(model)
+    ret = prefixattn.init(model, backend=backend, deterministic=deterministic)
     if isinstance(ret, torch.nn.Module):
         model = ret
     model.add_adapter("p", config=prefixattn.PrefixTuningConfig(prefix_length=settings.prefix_len, flat=flat))
@@ -264,9 +268,10 @@ class Bench(timing.BenchRun):
                 opt.zero_grad(set_to_none=True)
             return self.train_record("peft", pm, step, "PEFT PrefixTuningConfig(prefix_projection=False), sdpa")
 
-        def ours(flat: bool):
+        def ours(flat: bool, backend: str = "auto"):
             def run():
-                model = prefixattn_model(s, dev, dt, flat=flat, train=True)
+                model = prefixattn_model(s, dev, dt, flat=flat, train=True, backend=backend,
+                                         deterministic=backend != "sdpa")
                 model.train()
                 params = [p for p in model.parameters() if p.requires_grad]
                 if not params:
@@ -277,14 +282,17 @@ class Bench(timing.BenchRun):
                     model(input_ids=ids, labels=ids).loss.backward()
                     opt.step()
                     opt.zero_grad(set_to_none=True)
-                name = "prefixattn_flat" if flat else "prefixattn"
-                return self.train_record(name, model, step, f"prefixattn adapter flat={flat}")
+                name = "prefixattn_sdpa" if backend == "sdpa" else "prefixattn_flat" if flat else "prefixattn"
+                return self.train_record(name, model, step, f"prefixattn adapter flat={flat} backend={backend}")
             return run
 
-        self.attempt(dict(phase="train", method="floor"), floor)
-        self.attempt(dict(phase="train", method="prefixattn"), ours(False))
-        self.attempt(dict(phase="train", method="peft"), peft)
-        self.attempt(dict(phase="train", method="prefixattn_flat"), ours(True))
+        runs = dict(floor=floor, prefixattn=ours(False), peft=peft, prefixattn_flat=ours(True),
+                    prefixattn_sdpa=ours(False, "sdpa"))
+        if dev.type == "cpu" and not kernels.triton_interpreting():
+            del runs["prefixattn_sdpa"]  # its prefix part is Triton
+        wanted = self.args.train_methods.split(",") if self.args.train_methods else list(runs)
+        for name in (n for n in runs if n in wanted):
+            self.attempt(dict(phase="train", method=name), runs[name])
 
     # -- generation
     def prompt(self, batch: int):
@@ -464,6 +472,8 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="prefixattn bench e2e", description=__doc__.split("\n")[0])
     p.add_argument("--phases", default=",".join(PHASES), help=f"comma list of {','.join(PHASES)}")
     p.add_argument("--quick", action="store_true", help="32 new tokens instead of 128, 6 timed train steps")
+    p.add_argument("--train-methods", default=None,
+                   help="comma list of floor,prefixattn,peft,prefixattn_flat,prefixattn_sdpa (default: all)")
     p.add_argument("--gen-repeats", type=int, default=None)
     p.add_argument("--new-tokens", type=int, default=None)
     p.add_argument("--kv-budget-gb", type=float, default=None)

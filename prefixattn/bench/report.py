@@ -40,7 +40,8 @@ def _pyplot():
 
 FWD_TARGET, FWDBWD_TARGET = 1.2, 1.3  # prefixattn <= factor x floor x (1 + 2P/S)
 ATTENTION_METHODS = ("concat_mask", "concat_lowerright", "concat_flex", "split_merge", "floor", "prefixattn",
-                     "prefixattn_fast")
+                     "prefixattn_fast", "prefixattn_sdpa")
+TARGET_METHODS = ("prefixattn", "prefixattn_sdpa")  # the rows held to the targets
 # DESIGN.md §5 (anchors/h200-2026-11-29*.json), main shape, ms: {(method, P, mode): ms}
 ATTENTION_ANCHORS = {
     ("concat_mask", 16, "fwd"): 1.24, ("concat_mask", 16, "fwdbwd"): 4.38,
@@ -56,17 +57,19 @@ ATTENTION_ANCHORS = {
 
 
 def attention_targets(records: list[dict]) -> list[dict]:
-    """PASS/MISS of prefixattn against floor x (1 + 2P/S) x {1.2 fwd, 1.3 fwd+bwd}, per shape, P and mode."""
+    """PASS/MISS of prefixattn (and its sdpa backend) against floor x (1 + 2P/S) x {1.2 fwd, 1.3 fwd+bwd}, per
+    shape, P and mode."""
     rows = [r for r in records if r.get("kind") == "attention"]
     floors = {(r["shape"], r["mode"]): r["ms"] for r in rows if r["method"] == "floor"}
     out = []
     for r in rows:
-        if r["method"] != "prefixattn" or (r["shape"], r["mode"]) not in floors:
+        if r["method"] not in TARGET_METHODS or (r["shape"], r["mode"]) not in floors:
             continue
         factor = FWD_TARGET if r["mode"] == "fwd" else FWDBWD_TARGET
         limit = factor * floors[(r["shape"], r["mode"])] * (1 + 2 * r["P"] / r["S"])
         ok = r["ms"] <= limit and r.get("correct") is not False
-        out.append(dict(kind="attention_target", shape=r["shape"], P=r["P"], mode=r["mode"], ms=r["ms"],
+        out.append(dict(kind="attention_target", method=r["method"], shape=r["shape"], P=r["P"], mode=r["mode"],
+                        ms=r["ms"],
                         floor_ms=floors[(r["shape"], r["mode"])], limit_ms=limit, factor=factor,
                         ratio_to_limit=r["ms"] / limit, correct=r.get("correct"),
                         verdict="PASS" if ok else ("WRONG" if r.get("correct") is False else "MISS")))
@@ -85,7 +88,9 @@ def attention_table(records: list[dict]) -> str:
     for c in (r for r in records if r.get("kind") == "ceiling"):
         lines.append(f"  ceiling {c['what']}: " + (f"{c['TFLOPs']:.0f} TFLOP/s" if "TFLOPs" in c
                                                     else f"{c['TBps']:.2f} TB/s"))
-    tgt = {(t["shape"], t["P"], t["mode"]): t for t in attention_targets(records)}
+    targets = attention_targets(records)
+    tgt = {(t["shape"], t["P"], t["mode"]): t for t in targets if t.get("method", "prefixattn") == "prefixattn"}
+    tgt_sdpa = {(t["shape"], t["P"], t["mode"]): t for t in targets if t.get("method") == "prefixattn_sdpa"}
     by = {(r["shape"], r["method"], r["P"], r["mode"]): r for r in rows}
     for shape in dict.fromkeys(r["shape"] for r in rows):
         srows = [r for r in rows if r["shape"] == shape]
@@ -117,6 +122,15 @@ def attention_table(records: list[dict]) -> str:
             f, b = tgt.get((shape, p, "fwd")), tgt.get((shape, p, "fwdbwd"))
             cells.append(f"{(f or {}).get('verdict', '-'):>11} {(b or {}).get('verdict', '-'):>8}")
         lines.append(f"{'verdict':<21}" + "".join(cells))
+        if any((shape, p, m) in tgt_sdpa for p in plens for m in ("fwd", "fwdbwd")):
+            cells = []
+            for p in plens:
+                f, b = tgt_sdpa.get((shape, p, "fwd")), tgt_sdpa.get((shape, p, "fwdbwd"))
+                cells.append(fmt_ms(f and f["ratio_to_limit"], 11) + " " + fmt_ms(b and b["ratio_to_limit"], 8))
+            lines.append(f"{'pa_sdpa/limit':<21}" + "".join(cells))
+            cells = [f"{(tgt_sdpa.get((shape, p, 'fwd')) or {}).get('verdict', '-'):>11} "
+                     f"{(tgt_sdpa.get((shape, p, 'fwdbwd')) or {}).get('verdict', '-'):>8}" for p in plens]
+            lines.append(f"{'pa_sdpa verdict':<21}" + "".join(cells))
         cells = []
         for p in plens:
             f, b = by.get((shape, "prefixattn", p, "fwd")), by.get((shape, "prefixattn", p, "fwdbwd"))
@@ -359,7 +373,7 @@ def e2e_targets(records: list[dict]) -> list[dict]:
     out = []
     train = {r["method"]: r for r in records if r.get("kind") == "e2e_train_step"}
     if "floor" in train:
-        for m in ("prefixattn", "prefixattn_flat", "peft"):
+        for m in ("prefixattn", "prefixattn_flat", "prefixattn_sdpa", "peft"):
             if m in train:
                 ratio = train[m]["ms"] / train["floor"]["ms"]
                 out.append(dict(kind="e2e_target", what=f"train step {m} / no prefix", value=ratio,
