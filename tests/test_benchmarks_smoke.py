@@ -249,3 +249,16 @@ def test_plots_render(tmp_path):
     rc = attention.main(["--smoke", "--out", str(tmp_path), "--phases", "main"])
     assert rc == 0 and (tmp_path / "attention.png").stat().st_size > 0
     assert decode.main(["--smoke", "--out", str(tmp_path)]) == 0 and (tmp_path / "decode.png").stat().st_size > 0
+
+
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash, timeout")
+def test_gpu_next_dry_run(tmp_path):
+    """The prepared next GPU run works end to end on the CPU (tiny shapes), the sdpa rows included."""
+    env = dict(os.environ, OUT=str(tmp_path / "out"), WORK=str(tmp_path / "work"), PYTHON=sys.executable)
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_next.sh"), "--dry"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    summary = (tmp_path / "out" / "summary.txt").read_text()
+    assert "prefixattn_sdpa" in summary and "TIMEOUT" not in summary
+    train = {r["method"] for r in load(tmp_path / "out" / "e2e.json") if r["kind"] == "e2e_train_step"}
+    assert train == {"floor", "prefixattn", "prefixattn_sdpa"}

@@ -131,23 +131,31 @@ def _sequence_backward(dout, q, k, v, out, lse, causal: bool, scale: float):
     lse32 = lse.float().contiguous()
     if dout.stride() != out.stride():  # cuDNN reads dO with O's layout
         dout = torch.empty_like(out).copy_(dout)
-    b, hq, sq, _ = q.shape
-    seq_k = k.shape[2]
+    sq, seq_k = q.shape[2], k.shape[2]
+    seed, offset = _rng_placeholders(kernel, q.device)
     if kernel == "cudnn":
-        zero = torch.zeros((), dtype=torch.int64, device=q.device)  # dropout seed/offset: unused at p = 0
         return aten._scaled_dot_product_cudnn_attention_backward(
-            dout, q, k, v, out, lse32.unsqueeze(-1), zero, zero, None, None, None, sq, seq_k, 0.0, causal,
+            dout, q, k, v, out, lse32.unsqueeze(-1), seed, offset, None, None, None, sq, seq_k, 0.0, causal,
             scale=scale)
     if kernel == "flash":
-        zero = torch.zeros((), dtype=torch.int64, device=q.device)
         return aten._scaled_dot_product_flash_attention_backward(
-            dout, q, k, v, out, lse32, None, None, sq, seq_k, 0.0, causal, zero, zero, scale=scale)
+            dout, q, k, v, out, lse32, None, None, sq, seq_k, 0.0, causal, seed, offset, scale=scale)
     raise RuntimeError(f"sdpa backend: no fused kernel can run the backward of q {tuple(q.shape)} {q.dtype}")
 
 
 def _like(grad: Tensor, x: Tensor) -> Tensor:
     """grad with x's strides (the custom op declares its gradients as torch.empty_like of the inputs)."""
     return grad if grad.stride() == x.stride() else torch.empty_like(x).copy_(grad)
+
+
+@lru_cache(maxsize=8)
+def _rng_placeholders(kernel: str, device: torch.device):
+    """The dropout seed/offset tensors the vendor backward takes, as its own forward returns them (their dtype
+    and shape differ between kernels and torch versions). Dropout is 0 here, so their values are never used."""
+    x = torch.zeros(1, 1, 16, 64, dtype=torch.bfloat16, device=device)
+    if kernel == "cudnn":
+        return tuple(aten._scaled_dot_product_cudnn_attention(x, x, x, None, True, 0.0, False, False)[6:8])
+    return tuple(aten._scaled_dot_product_flash_attention(x, x, x, 0.0, False, False)[6:8])
 
 
 def forward(q: Tensor, k: Tensor, v: Tensor, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask,

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The next GPU session's run, in one device call (timeout ~590 s): what no GPU has measured yet, in order of
+# what it decides. Written and dry-run on the CPU in a session without a GPU (2026-11-30, second session).
+#
+#   bash benchmarks/gpu_next.sh [--dry]        # --dry: the same steps on the CPU, tiny shapes (tests this file)
+#
+# 1. install (CUDA extension built), env
+# 2. GPU tests never run on a GPU: backend "sdpa" (cuDNN and flash, bf16/fp16, D 64/128, GQA, pools, the
+#    transformers layout), the PEFT import on the kernels, the demo on the kernels
+# 3. attention: prefixattn (triton) vs prefixattn_sdpa vs the cuDNN floor, main shape at P=16/128/512, GQA and
+#    D=64 at P=128 (decides whether `auto` should pick "sdpa" for training and prefill)
+# 4. e2e: training step floor / prefixattn / prefixattn_sdpa (issue 3's +3% target), then generation with the
+#    fixed method (full-length warm-up, median of 3) and serving at B=128/256 (issues 3 and 4)
+# 5. decode: the full grid of issue 4 (B 1/32/128/256 x Sk 256/2048/16384 x P 16/128/512), what time is left
+# Predictions for 3 and 4 are in benchmarks/NOTES.md ("Backend sdpa: prediction").
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
+
+if [ "${1:-}" = "--dry" ]; then
+  exec bash benchmarks/gpu_check.sh --dry --budget 400 --steps env,attention,e2e,decode \
+    --attn-args "--phases main --methods prefixattn,prefixattn_sdpa,floor" \
+    --e2e-args "--phases train --train-methods floor,prefixattn,prefixattn_sdpa"
+fi
+
+export CAP_INSTALL=${CAP_INSTALL:-90} CAP_TESTS=${CAP_TESTS:-130} CAP_ATTENTION=${CAP_ATTENTION:-110}
+export CAP_E2E=${CAP_E2E:-170} CAP_DECODE=${CAP_DECODE:-110}
+exec bash benchmarks/gpu_check.sh --budget "${BUDGET:-570}" --steps install,env,tests,attention,e2e,decode \
+  --pytest-args "-q -m gpu --maxfail=5 -rfE -p no:cacheprovider tests/test_sdpa_backend.py
+                 tests/hf/test_peft_compat.py tests/test_demo.py" \
+  --attn-args "--quick --skip-flex --methods prefixattn,prefixattn_sdpa,floor" \
+  --e2e-args "--quick --phases train,generate,serve --train-methods floor,prefixattn,prefixattn_sdpa"
