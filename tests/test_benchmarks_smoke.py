@@ -262,3 +262,21 @@ def test_gpu_next_dry_run(tmp_path):
     assert "prefixattn_sdpa" in summary and "TIMEOUT" not in summary
     train = {r["method"] for r in load(tmp_path / "out" / "e2e.json") if r["kind"] == "e2e_train_step"}
     assert train == {"floor", "prefixattn", "prefixattn_sdpa"}
+
+
+def test_decode_nosplit_variant_forces_one_split_and_restores():
+    from prefixattn.kernels import triton_decode
+
+    seen = []
+    call = decode._unsplit(lambda: seen.append(triton_decode._FORCE["splits"]))
+    with triton_decode.force(splits=3):
+        call()
+        assert seen == [1] and triton_decode._FORCE["splits"] == 3
+
+
+def test_decode_nosplit_variant_is_information_not_target(tmp_path):
+    assert decode.main(["--smoke", "--out", str(tmp_path), "--backends", "triton"]) == 0
+    records = load(tmp_path / "decode.json")
+    rows = [r for r in records if r["kind"] == "decode" and r["method"] == "variant_nosplit"]
+    assert rows and all(r["correct"] for r in rows)
+    assert not any(r["kind"] == "decode_target" and r["method"] == "variant_nosplit" for r in records)

@@ -9,6 +9,9 @@ Methods, all on random bf16 data, checked against concat_sdpa's output before ti
   paged_X         prefixattn.prefix_attention_paged(q, k_cache, v_cache, block_table, seq_lens, prefix_k,
                   prefix_v, backend=X): the same K/V in pages [num_pages, page_size, Hkv, D] placed in a
                   random order (when the package has the paged form).
+  variant_nosplit triton with split-K forced off, at B <= 8 only (where the plan splits): the candidate fix
+                  for the B=1, Sk=256 miss (the merge launch). Information for the next change, not a target
+                  row and never "best".
 Each timing is the median per call over replays of a CUDA graph that calls the method on several input
 sets in turn (graphs remove launch gaps, rotation keeps L2 honest); the same for every method.
 Bandwidth is counted on the bytes a shared prefix must read: (B*Sk + P) * Hkv * D * 2 bytes, for K and V.
@@ -72,6 +75,16 @@ class Group:
     v_pages: list
     block_table: list
     seq_lens: torch.Tensor
+
+
+def _unsplit(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """fn with the triton decode plan forced to one split (set while it runs, so a graph capture records it)."""
+    def call():
+        from ..kernels import triton_decode
+
+        with triton_decode.force(splits=1):
+            return fn()
+    return call
 
 
 class Bench(timing.BenchRun):
@@ -143,6 +156,9 @@ class Bench(timing.BenchRun):
         out = {"concat_sdpa": lambda: F.scaled_dot_product_attention(q, kc, vc, enable_gqa=True)}
         for be in self.backends:
             out[f"prefixattn_{be}"] = (lambda be=be: pa.prefix_attention(q, k, v, pk, pv, causal=True, backend=be))
+            if be == "triton" and q.shape[0] <= 8:
+                out["variant_nosplit"] = _unsplit(lambda: pa.prefix_attention(q, k, v, pk, pv, causal=True,
+                                                                              backend="triton"))
             if self.has_paged:
                 kp, vp, bt = g.k_pages[i], g.v_pages[i], g.block_table[i]
                 out[f"paged_{be}"] = (lambda be=be: pa.prefix_attention_paged(q, kp, vp, bt, g.seq_lens, pk, pv,

@@ -228,7 +228,8 @@ def decode_method_order(names) -> list[str]:
 
 
 def decode_short(method: str) -> str:
-    return {"concat_sdpa": "concat"}.get(method, method.replace("prefixattn_", "").replace("paged_", "pg_"))
+    return {"concat_sdpa": "concat"}.get(method, method.replace("prefixattn_", "").replace("paged_", "pg_")
+                                         .replace("variant_", ""))
 
 
 def decode_targets(records: list[dict]) -> list[dict]:
@@ -282,7 +283,7 @@ def decode_table(records: list[dict]) -> str:
             mark = "!" if r and r.get("correct") is False else " "
             cells.append(("-" if r is None else f"{r['us']:.1f}").rjust(9) + mark)
         cands = [by[(b, s, p, m)] for m in present if m not in ("floor", "concat_sdpa") and (b, s, p, m) in by
-                 and by[(b, s, p, m)].get("correct") is not False]
+                 and not m.startswith("variant_") and by[(b, s, p, m)].get("correct") is not False]
         best = min(cands, key=lambda r: r["ms"]) if cands else None
         concat = by.get((b, s, p, "concat_sdpa"))
         tail = "   -"
