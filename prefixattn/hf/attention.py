@@ -67,6 +67,17 @@ def _fit_padding(padding: Optional[Tensor], kv_length: int) -> Optional[Tensor]:
     return padding
 
 
+def _drop_if_all_real(padding: Optional[Tensor]) -> Optional[Tensor]:
+    """None for a mask with no padded key (what a tokenizer returns for an unpadded batch), so kernels skip the
+    mask and backend "sdpa", which takes none, can run. One host sync per mask, i.e. per forward, as
+    transformers' sdpa path does; skipped while compiling or capturing a CUDA graph (the mask stays)."""
+    if padding is None or torch.compiler.is_compiling():
+        return padding
+    if padding.is_cuda and torch.cuda.is_current_stream_capturing():
+        return padding
+    return None if bool(padding.all()) else padding
+
+
 def prefixattn_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0,
                     mask_function=causal_mask_function, attention_mask=None, **kwargs):
     """Mask function for AttentionMaskInterface (called by create_causal_mask / create_bidirectional_mask)."""
@@ -79,7 +90,7 @@ def prefixattn_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, 
         # A StaticCache hands q_offset over as its own length counter, which the first layer's cache update
         # then increments in place: take its value now (one host sync per forward, none per layer).
         q_offset = int(q_offset)
-        return LightMask(_fit_padding(attention_mask, kv_length), q_offset, q_length, kv_length,
+        return LightMask(_drop_if_all_real(_fit_padding(attention_mask, kv_length)), q_offset, q_length, kv_length,
                          causal=mask_function is causal_mask_function)
     kwargs.pop("allow_is_causal_skip", None)
     kwargs.pop("allow_is_bidirectional_skip", None)

@@ -122,3 +122,28 @@ def test_plain_masks_reach_the_op_as_padding_not_as_dense_masks(monkeypatch):
         assert mask is not None and mask.dim() == 2 and mask.dtype == torch.bool
         bias = kwargs["attn_bias"]
         assert bias is None or bias.shape[0] == 1  # only T5's [1, H, Sq, Sk] position bias, never a [B, ...] mask
+
+
+def test_an_unpadded_attention_mask_reaches_the_op_as_none(monkeypatch):
+    """A tokenizer's all-ones mask carries no information: it is dropped once per forward (kernels skip the
+    mask; backend "sdpa" can run), while a padded batch keeps its [B, Sk] mask. Logits are unchanged."""
+    seen = []
+    real_op = hf_attention.prefix_attention
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["key_padding_mask"])
+        return real_op(*args, **kwargs)
+
+    monkeypatch.setattr(hf_attention, "prefix_attention", spy)
+    model = _prepared("llama")
+    ids = torch.randint(3, model.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        with_mask = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        assert seen and all(m is None for m in seen)
+        without = model(input_ids=ids).logits
+        seen.clear()
+        padded = torch.ones_like(ids)
+        padded[0, :2] = 0
+        model(input_ids=ids, attention_mask=padded)
+    assert torch.equal(with_mask, without)
+    assert seen and all(m is not None and not bool(m.all()) for m in seen)

@@ -72,19 +72,21 @@ def test_tiny_llama_training_through_the_triton_interpreter():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter test is for CPU runs")
 def test_tiny_llama_through_the_sdpa_backend():
     """backend="sdpa" (CPU flash + Triton prefix merge): forward, a training step's prefix gradients, and greedy
-    generate (non-causal decode steps) equal the reference backend's. Unpadded: that backend takes no mask."""
+    generate (causal decode steps, Sq = 1) equal the reference backend's. Unpadded, with the all-ones mask a
+    tokenizer returns (dropped before the op: that backend takes no mask)."""
     ids = torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
     results = {}
     for backend in ("torch", "sdpa"):
         model = _prepared("llama", backend, hidden_size=64)
         prefixattn.init(model, backend=backend, deterministic=False)
         model.train_adapter("a")
-        out = model(input_ids=ids, labels=ids)
+        out = model(input_ids=ids, attention_mask=mask, labels=ids)
         out.loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
         model.eval()
         with torch.no_grad():
-            gen = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
+            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
         results[backend] = (out.logits.detach(), grads, gen)
     (ref_logits, ref_grads, ref_gen), (logits, grads, gen) = results["torch"], results["sdpa"]
     assert rel_err(logits, ref_logits) <= TOLERANCE[torch.float32]
