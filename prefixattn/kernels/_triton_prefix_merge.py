@@ -17,7 +17,7 @@ import triton.language as tl
 
 from ._triton_common import LOG2E, PrefixArgs, load_rows, prefix_entry, store_rows, tl_acc
 from ._triton_config import acc_dtype, config_for, dot_precision, head_dim_block
-from .triton_fwd import _online_softmax_step
+from .triton_fwd import prefix_tiles
 
 
 @triton.jit
@@ -62,17 +62,8 @@ def _prefix_merge_fwd_kernel(
                + offs_n[:, None] * stride_pkn + offs_d[None, :])
     pv_ptrs = (PV + tl.cast(e, tl.int64) * stride_pve + kvh.to(tl.int64) * stride_pvh
                + offs_n[:, None] * stride_pvn + offs_d[None, :])
-    full_end = (plen // BLOCK_N) * BLOCK_N
-    for start in range(0, full_end, BLOCK_N):
-        acc, m_i, l_i = _online_softmax_step(
-            acc, m_i, l_i, q, pk_ptrs + start * stride_pkn, pv_ptrs + start * stride_pvn, start + offs_n, plen,
-            offs_m, offs_d, qk_scale, seq_q, 0, PK, 0, 0, PK, 0,
-            False, False, False, False, False, HEAD_DIM, BLOCK_D, DOT_PREC)
-    for start in range(full_end, plen, BLOCK_N):
-        acc, m_i, l_i = _online_softmax_step(
-            acc, m_i, l_i, q, pk_ptrs + start * stride_pkn, pv_ptrs + start * stride_pvn, start + offs_n, plen,
-            offs_m, offs_d, qk_scale, seq_q, 0, PK, 0, 0, PK, 0,
-            False, True, False, False, False, HEAD_DIM, BLOCK_D, DOT_PREC)
+    acc, m_i, l_i = prefix_tiles(acc, m_i, l_i, q, pk_ptrs, pv_ptrs, stride_pkn, stride_pvn, plen, offs_m, offs_n,
+                                 offs_d, qk_scale, seq_q, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)

@@ -49,6 +49,25 @@ def _online_softmax_step(acc, m_i, l_i, q, k_ptrs, v_ptrs, cols, n_valid, offs_m
 
 
 @triton.jit
+def prefix_tiles(acc, m_i, l_i, q, pk_ptrs, pv_ptrs, stride_pkn, stride_pvn, plen, offs_m, offs_n, offs_d, qk_scale,
+                 seq_q, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Fold the plen prefix keys (tile pointers at key 0) into the running state: full tiles without any mask,
+    then the tail tile (plen not a multiple of BLOCK_N) masked at plen."""
+    full_end = (plen // BLOCK_N) * BLOCK_N
+    for start in range(0, full_end, BLOCK_N):
+        acc, m_i, l_i = _online_softmax_step(
+            acc, m_i, l_i, q, pk_ptrs + start * stride_pkn, pv_ptrs + start * stride_pvn, start + offs_n, plen,
+            offs_m, offs_d, qk_scale, seq_q, 0, pk_ptrs, 0, 0, pk_ptrs, 0,
+            False, False, False, False, False, HEAD_DIM, BLOCK_D, DOT_PREC)
+    for start in range(full_end, plen, BLOCK_N):
+        acc, m_i, l_i = _online_softmax_step(
+            acc, m_i, l_i, q, pk_ptrs + start * stride_pkn, pv_ptrs + start * stride_pvn, start + offs_n, plen,
+            offs_m, offs_d, qk_scale, seq_q, 0, pk_ptrs, 0, 0, pk_ptrs, 0,
+            False, True, False, False, False, HEAD_DIM, BLOCK_D, DOT_PREC)
+    return acc, m_i, l_i
+
+
+@triton.jit
 def _prefix_attention_fwd_kernel(
     Q, K, V, PK, PV, PIDX, PLEN, PAD, BIAS, OUT, LSE,
     stride_qb, stride_qh, stride_qm,
@@ -92,17 +111,8 @@ def _prefix_attention_fwd_kernel(
                    + offs_n[:, None] * stride_pkn + offs_d[None, :])
         pv_ptrs = (PV + tl.cast(e, tl.int64) * stride_pve + kvh.to(tl.int64) * stride_pvh
                    + offs_n[:, None] * stride_pvn + offs_d[None, :])
-        full_end = (plen // BLOCK_N) * BLOCK_N
-        for start in range(0, full_end, BLOCK_N):
-            acc, m_i, l_i = _online_softmax_step(
-                acc, m_i, l_i, q, pk_ptrs + start * stride_pkn, pv_ptrs + start * stride_pvn, start + offs_n, plen,
-                offs_m, offs_d, qk_scale, seq_q, seq_k, BIAS, 0, 0, PAD, 0,
-                False, False, False, False, False, HEAD_DIM, BLOCK_D, DOT_PREC)
-        for start in range(full_end, plen, BLOCK_N):
-            acc, m_i, l_i = _online_softmax_step(
-                acc, m_i, l_i, q, pk_ptrs + start * stride_pkn, pv_ptrs + start * stride_pvn, start + offs_n, plen,
-                offs_m, offs_d, qk_scale, seq_q, seq_k, BIAS, 0, 0, PAD, 0,
-                False, True, False, False, False, HEAD_DIM, BLOCK_D, DOT_PREC)
+        acc, m_i, l_i = prefix_tiles(acc, m_i, l_i, q, pk_ptrs, pv_ptrs, stride_pkn, stride_pvn, plen, offs_m, offs_n,
+                                     offs_d, qk_scale, seq_q, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
 
     # 2. sequence tiles: [0, full_end) are visible to every row of the tile; [full_end, hi) need masks.
     k_ptrs = K + b64 * stride_kb + kvh.to(tl.int64) * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :]
