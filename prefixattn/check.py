@@ -89,7 +89,7 @@ def available_backends(device: torch.device) -> list[str]:
 
     names = ["torch"]
     if kernels.triton_unavailable_reason(device) is None:
-        names.append("triton")
+        names += ["triton", "sdpa"]  # sdpa: the vendor kernels plus Triton (CPU flash under the interpreter)
     from .kernels import cuda_backend
 
     if device.type == "cuda" and cuda_backend.extension_loaded():
@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(prog="prefixattn check", description=__doc__)
-    parser.add_argument("--backends", default="all", help="comma-separated subset of torch,triton,cuda")
+    parser.add_argument("--backends", default="all", help="comma-separated subset of torch,triton,cuda,sdpa")
     parser.add_argument("--cases", default="all", help="comma-separated case names (default: all)")
     args = parser.parse_args(argv)
 
@@ -135,7 +135,9 @@ def main(argv=None) -> int:
                 with_grad = backend != "cuda"  # the CUDA kernels are inference-only
                 t0 = time.perf_counter()
                 try:
-                    fn = lambda *a, **k: prefix_attention(*a, backend=backend, **k)  # noqa: E731
+                    # sdpa's vendor backward is not deterministic: it trains only with deterministic=False
+                    fn = lambda *a, **k: prefix_attention(*a, backend=backend,  # noqa: E731
+                                                          deterministic=backend != "sdpa", **k)
                     out, lse, grads = _run(fn, tensors, kw, dtype, grad_out, with_grad)
                 except ValueError as e:  # a backend that cannot run this shape says why
                     print(f"{c.name:<12} {backend:<7} {str(dtype)[6:]:<9} {'':>9} {'':>9} {'':>9} {'':>7}  skip: {e}")

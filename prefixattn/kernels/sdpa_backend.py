@@ -46,8 +46,8 @@ def unsupported_reason(problem: Problem, *, needs_grad: bool, deterministic: boo
     if problem.has_bias:
         return "attn_bias is not supported"
     if problem.causal and problem.seqlen_q not in (1, problem.seqlen_k):
-        return (f"causal attention needs Sq == Sk here (got Sq={problem.seqlen_q}, Sk={problem.seqlen_k}): "
-                f"the vendor kernels disagree on the alignment of a non-square causal mask")
+        return (f"causal attention needs Sq == Sk or Sq == 1 here (got Sq={problem.seqlen_q}, "
+                f"Sk={problem.seqlen_k}): the vendor kernels align a non-square causal mask top-left")
     if needs_grad and deterministic:
         return ("its backward runs cuDNN/flash attention, which accumulate dq with atomics (not deterministic); "
                 "pass deterministic=False to use it for training")
