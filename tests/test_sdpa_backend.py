@@ -197,18 +197,29 @@ def test_gpu_against_reference(name, dtype, head_dim, kernel, monkeypatch):
     from prefixattn.kernels import sdpa_backend
 
     monkeypatch.setattr(sdpa_backend, "SEQUENCE_KERNEL", kernel)
-    sdpa_backend._torch_can_run.cache_clear()
     params = dict(batch=2, seqlen_q=1024, seqlen_k=1024, head_dim=head_dim, prefix_len=128)
     params.update(GPU_CASES[name])
     case = Case(**params)
-    tensors, args = case.make(dtype=dtype, device="cuda", requires_grad=False)
-    from prefixattn.validation import validate
-
-    problem = validate(*tensors, **args)
-    if sdpa_backend.sequence_kernel(problem, True) is None:
+    (q, k, v, _, _), _ = case.make(dtype=dtype, device="cuda", requires_grad=False)
+    if sdpa_backend.sequence_kernel_for(q, k, v, case.causal, needs_grad=True) is None:
         pytest.skip(f"torch cannot run {kernel} for this shape")
     got, ref = run_both(case, dtype, device="cuda", generator=torch.Generator().manual_seed(7))
     check(got, ref, dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_prefers_cudnn_on_hopper():
+    """Unpinned, the H200 runs the sequence part on cuDNN (the fast one), in both layouts and with gradients;
+    if this fails, "sdpa" is running flash and its timings say nothing about the design."""
+    from prefixattn.kernels import sdpa_backend
+
+    for noncontiguous in (False, True):
+        case = Case(batch=2, heads_q=8, heads_kv=2, seqlen_q=512, seqlen_k=512, head_dim=128, prefix_len=64,
+                    noncontiguous=noncontiguous)
+        (q, k, v, _, _), _ = case.make(dtype=torch.bfloat16, device="cuda", requires_grad=False)
+        if torch.cuda.get_device_capability() == (9, 0):
+            for grad in (False, True):
+                assert sdpa_backend.sequence_kernel_for(q, k, v, True, needs_grad=grad) == "cudnn"
 
 
 @pytest.mark.gpu

@@ -272,13 +272,17 @@ def build_prefixattn_fast(backend: str) -> list[Method]:
                    forward=False)]
 
 
-def build_prefixattn_sdpa() -> list[Method]:
+def build_prefixattn_sdpa(example: "InputSet") -> list[Method]:
+    """The note records which vendor kernel ran the sequence part (cuDNN is the point; flash is slower)."""
     import prefixattn
+    from prefixattn.kernels import sdpa_backend
 
     def fwd(q, k, v, pk, pv):
         return prefixattn.prefix_attention(q, k, v, pk, pv, causal=True, backend="sdpa", deterministic=False)
 
-    return [Method("prefixattn_sdpa", fwd, "prefixattn.prefix_attention(backend='sdpa', deterministic=False)")]
+    kernel = sdpa_backend.sequence_kernel_for(example.q, example.k, example.v, True, needs_grad=True)
+    return [Method("prefixattn_sdpa", fwd, f"prefixattn.prefix_attention(backend='sdpa', deterministic=False); "
+                                           f"sequence kernel: {kernel}")]
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -487,7 +491,7 @@ class Bench(timing.BenchRun):
             builders = dict(
                 prefixattn=lambda: build_prefixattn(self.args.backend),
                 prefixattn_fast=lambda: build_prefixattn_fast(self.args.backend),
-                prefixattn_sdpa=build_prefixattn_sdpa,
+                prefixattn_sdpa=lambda: build_prefixattn_sdpa(sets[0]),
                 concat_mask=lambda: concat,
                 concat_lowerright=lambda: build_concat_lowerright(shape, plen, dev),
                 split_merge=lambda: build_split_merge(shape, plen, dev),

@@ -54,44 +54,37 @@ def unsupported_reason(problem: Problem, *, needs_grad: bool, deterministic: boo
     if problem.device.type == "cuda":
         if problem.dtype not in (torch.float16, torch.bfloat16):
             return f"dtype {problem.dtype} on CUDA (the fused kernels take float16 and bfloat16)"
-        if sequence_kernel(problem, needs_grad) is None:
-            return (f"neither cuDNN nor flash attention can run this shape in torch {torch.__version__} "
-                    f"(Hq={problem.heads_q}, Hkv={problem.heads_kv}, Sq={problem.seqlen_q}, Sk={problem.seqlen_k}, "
-                    f"D={problem.head_dim}, {problem.dtype})")
+        if problem.head_dim % 8 or problem.head_dim > 256:
+            return f"head dim {problem.head_dim} (the fused kernels take multiples of 8 up to 256)"
     return None
 
 
-def sequence_kernel(problem: Problem, needs_grad: bool) -> Optional[str]:
-    """"cpu_flash" on the CPU; on CUDA the pinned SEQUENCE_KERNEL, or cuDNN where torch's own dispatcher would
-    allow it, else flash; None when neither can run."""
-    if problem.device.type != "cuda":
+def sequence_kernel_for(q: Tensor, k: Tensor, v: Tensor, causal: bool, needs_grad: bool) -> Optional[str]:
+    """The kernel that runs the sequence part of these very tensors (layouts matter to cuDNN): "cpu_flash" on
+    the CPU; on CUDA the pinned SEQUENCE_KERNEL, or cuDNN where torch's own SDPA dispatcher would use it, else
+    flash; None when torch refuses both. A few microseconds of host checks, no launch."""
+    if q.device.type != "cuda":
         return "cpu_flash"
+    causal = _sequence_causal(causal, q)
+    q_, k_, v_ = (t.detach().requires_grad_(needs_grad) for t in (q, k, v))  # views: needs_grad picks bwd rules
+    params = torch.backends.cuda.SDPAParams(q_, k_, v_, None, 0.0, causal, q.shape[1] != k.shape[1])
     candidates = _CUDA_KERNELS if SEQUENCE_KERNEL == "auto" else (SEQUENCE_KERNEL,)
     for name in candidates:
-        if _torch_can_run(name, problem.device.index, problem.batch, problem.heads_q, problem.heads_kv,
-                          problem.seqlen_q, problem.seqlen_k, problem.head_dim, problem.dtype,
-                          problem.causal and problem.seqlen_q > 1, needs_grad):
+        check = (torch.backends.cuda.can_use_cudnn_attention if name == "cudnn"
+                 else torch.backends.cuda.can_use_flash_attention)
+        if check(params, False):
             return name
     return None
 
 
-@lru_cache(maxsize=256)
-def _torch_can_run(name, device_index, batch, heads_q, heads_kv, seq_q, seq_k, head_dim, dtype, causal,
-                   needs_grad) -> bool:
-    """Ask torch's SDPA dispatcher, on stand-in tensors of the right shape that own almost no memory."""
-    if seq_k == 0 or seq_q == 0 or batch == 0 or heads_q == 0:
-        return False
-    device = torch.device("cuda", device_index if device_index is not None else torch.cuda.current_device())
-
-    def stand_in(heads, seq):
-        t = torch.empty_strided((batch, heads, seq, head_dim), (0, 0, 0, 1), dtype=dtype, device=device)
-        return t.requires_grad_(needs_grad)
-
-    params = torch.backends.cuda.SDPAParams(stand_in(heads_q, seq_q), stand_in(heads_kv, seq_k),
-                                            stand_in(heads_kv, seq_k), None, 0.0, causal, heads_q != heads_kv)
-    check = (torch.backends.cuda.can_use_cudnn_attention if name == "cudnn"
-             else torch.backends.cuda.can_use_flash_attention)
-    return bool(check(params, False))
+def _kernel_or_raise(q, k, v, causal: bool, needs_grad: bool) -> str:
+    kernel = sequence_kernel_for(q, k, v, causal, needs_grad)
+    if kernel is None:
+        raise RuntimeError(
+            f"backend 'sdpa': torch {torch.__version__} can run neither cuDNN nor flash attention for q "
+            f"{tuple(q.shape)}, k {tuple(k.shape)} {q.dtype} (strides {q.stride()}, {k.stride()}) "
+            f"{'with' if needs_grad else 'without'} gradients; use backend='triton'")
+    return kernel
 
 
 def _sequence_causal(causal: bool, q: Tensor) -> bool:
@@ -100,31 +93,24 @@ def _sequence_causal(causal: bool, q: Tensor) -> bool:
     return causal and q.shape[2] > 1
 
 
-def _problem_of(q: Tensor, k: Tensor, causal: bool) -> Problem:
-    b, hq, sq, d = q.shape
-    return Problem(b, hq, k.shape[1], sq, k.shape[2], d, 0, 0, False, q.dtype, q.device, 1.0, causal, False, False)
-
-
 def _sequence_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float):
     """(o_seq [B, Hq, Sq, D], lse_seq [B, Hq, Sq] natural log) of attention over the sequence keys only."""
+    kernel = _kernel_or_raise(q, k, v, causal, needs_grad=False)
     causal = _sequence_causal(causal, q)
-    kernel = sequence_kernel(_problem_of(q, k, causal), needs_grad=False)
     if kernel == "cpu_flash":
         out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
     elif kernel == "cudnn":
         out, lse = aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False, scale=scale)[:2]
-    elif kernel == "flash":
-        out, lse = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[:2]
     else:
-        raise RuntimeError(f"sdpa backend: no fused kernel can run q {tuple(q.shape)} {q.dtype} on {q.device}")
+        out, lse = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[:2]
     # cuDNN returns [B, Hq, Sq, 1]; keep exactly Sq entries whatever padding a kernel adds.
     return out, lse.reshape(q.shape[0], q.shape[1], -1)[..., : q.shape[2]]
 
 
 def _sequence_backward(dout, q, k, v, out, lse, causal: bool, scale: float):
     """The sequence keys' share of (dq, dk, dv), from the final out and lse of the whole attention."""
+    kernel = _kernel_or_raise(q, k, v, causal, needs_grad=True)
     causal = _sequence_causal(causal, q)
-    kernel = sequence_kernel(_problem_of(q, k, causal), needs_grad=True)
     if kernel == "cpu_flash":
         return aten._scaled_dot_product_flash_attention_for_cpu_backward(dout, q, k, v, out, lse, 0.0, causal,
                                                                          scale=scale)
@@ -137,10 +123,8 @@ def _sequence_backward(dout, q, k, v, out, lse, causal: bool, scale: float):
         return aten._scaled_dot_product_cudnn_attention_backward(
             dout, q, k, v, out, lse32.unsqueeze(-1), seed, offset, None, None, None, sq, seq_k, 0.0, causal,
             scale=scale)
-    if kernel == "flash":
-        return aten._scaled_dot_product_flash_attention_backward(
-            dout, q, k, v, out, lse32, None, None, sq, seq_k, 0.0, causal, seed, offset, scale=scale)
-    raise RuntimeError(f"sdpa backend: no fused kernel can run the backward of q {tuple(q.shape)} {q.dtype}")
+    return aten._scaled_dot_product_flash_attention_backward(
+        dout, q, k, v, out, lse32, None, None, sq, seq_k, 0.0, causal, seed, offset, scale=scale)
 
 
 def _like(grad: Tensor, x: Tensor) -> Tensor:
