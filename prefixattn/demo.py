@@ -337,8 +337,9 @@ def parse_args(argv):
     p.add_argument("--batch", type=int, default=32, help="training batch (default 32)")
     p.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate (default 1e-2)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--backend", default="auto", choices=BACKENDS, help="attention backend (default auto: kernels on "
-                                                                        "a GPU, the reference on a CPU)")
+    # "sdpa" is left out: it takes no padding, and the demo's prompts are padded batches.
+    p.add_argument("--backend", default="auto", choices=[b for b in BACKENDS if b != "sdpa"],
+                   help="attention backend (default auto: kernels on a GPU, the reference on a CPU)")
     p.add_argument("--out", default=None, help="where to save the adapter (default: a temporary directory)")
     args = p.parse_args(argv)
     for name in ("steps", "prefix_length", "batch"):
