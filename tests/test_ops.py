@@ -151,3 +151,22 @@ def test_auto_uses_reference_for_dropout_and_explicit_backend_does_not(fake_trit
 def test_public_api():
     assert callable(prefixattn.prefix_attention)
     assert prefixattn.__version__
+
+
+@pytest.mark.parametrize("case", [
+    Case(heads_q=4, heads_kv=2, seqlen_q=21, seqlen_k=21, prefix_len=9),
+    Case(heads_q=4, heads_kv=2, seqlen_q=21, seqlen_k=21, prefix_len=9, noncontiguous=True),
+    Case(heads_q=8, heads_kv=2, seqlen_q=1, seqlen_k=40, prefix_len=9),  # the decode kernels' route
+    Case(heads_q=4, heads_kv=2, seqlen_q=3, seqlen_k=30, prefix_len=0, noncontiguous=True),
+], ids=["train", "hf-layout", "decode", "short-noprefix"])
+def test_triton_custom_ops_declare_their_real_layouts(case):
+    """opcheck: the fake implementations (what torch.compile plans with) give the real outputs' shapes,
+    dtypes and strides, forward and backward, on both the training and the decode kernels."""
+    (q, k, v, pk, pv), args = case.make(requires_grad=False)
+    fwd_args = (q, k, v, pk, pv, None, None, None, None, args["causal"], 0.2, "triton", True)
+    torch.library.opcheck(torch.ops.prefixattn.attention_fwd.default, fwd_args,
+                          test_utils=("test_schema", "test_faketensor"))
+    o, lse = torch.ops.prefixattn.attention_fwd.default(*fwd_args)
+    bwd_args = (torch.randn_like(o), None, q, k, v, pk, pv, None, None, None, None, o, lse, args["causal"], 0.2,
+                "triton", True)
+    torch.library.opcheck(torch.ops.prefixattn.attention_bwd.default, bwd_args, test_utils=("test_faketensor",))

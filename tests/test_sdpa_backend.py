@@ -78,17 +78,27 @@ def test_matches_reference_float32():
     check(got, ref, torch.float32)
 
 
-def test_output_and_gradient_layouts():
-    """out is [B, Sq, Hq, D] memory (as the custom op declares); every gradient has its input's strides."""
-    case = Case(heads_q=4, heads_kv=2, seqlen_q=21, seqlen_k=21, prefix_len=9, noncontiguous=True)
+@pytest.mark.parametrize("noncontiguous", [False, True], ids=["bhsd", "bshd"])
+def test_output_and_gradient_layouts(noncontiguous):
+    """out follows q's layout (so the vendor backward's dO matches it without a copy), every gradient has its
+    input's strides, and the custom op's fake implementations declare exactly these (opcheck)."""
+    case = Case(heads_q=4, heads_kv=2, seqlen_q=21, seqlen_k=21, prefix_len=9, noncontiguous=noncontiguous)
     tensors, args = case.make()
+    q = tensors[0]
     out = prefix_attention(*tensors, **args, backend="sdpa", deterministic=False)
-    assert out.transpose(1, 2).is_contiguous()
+    assert out.stride() == q.stride()
     grads = grads_of(out, tensors, torch.randn_like(out))
     for t, g in zip(tensors, grads):
         assert g.stride() == t.stride()
     out_np = prefix_attention(*tensors[:3], **args, backend="sdpa", deterministic=False)  # no prefix
-    assert out_np.transpose(1, 2).is_contiguous()
+    assert out_np.stride() == q.stride()
+    fwd_args = (*tensors, None, None, None, None, True, 0.2, "sdpa", False)
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(torch.ops.prefixattn.attention_fwd.default, fwd_args, test_utils=checks)
+    o, lse = torch.ops.prefixattn.attention_fwd.default(*fwd_args)
+    bwd_args = (torch.randn_like(o), None, *[t.detach() for t in tensors], None, None, None, None, o.detach(),
+                lse, True, 0.2, "sdpa", False)
+    torch.library.opcheck(torch.ops.prefixattn.attention_bwd.default, bwd_args, test_utils=("test_faketensor",))
 
 
 def test_vendor_backward_gets_the_final_out_and_lse(monkeypatch):

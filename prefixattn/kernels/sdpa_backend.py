@@ -127,9 +127,10 @@ def _sequence_backward(dout, q, k, v, out, lse, causal: bool, scale: float):
         dout, q, k, v, out, lse32, None, None, sq, seq_k, 0.0, causal, seed, offset, scale=scale)
 
 
-def _like(grad: Tensor, x: Tensor) -> Tensor:
-    """grad with x's strides (the custom op declares its gradients as torch.empty_like of the inputs)."""
-    return grad if grad.stride() == x.stride() else torch.empty_like(x).copy_(grad)
+def _like(t: Tensor, x: Tensor) -> Tensor:
+    """t with torch.empty_like(x)'s strides, as the custom op declares this backend's out and gradients."""
+    like = torch.empty_like(x)  # from the caching allocator: no device work when it is not needed
+    return t if like.stride() == t.stride() else like.copy_(t)
 
 
 @lru_cache(maxsize=8)
@@ -147,22 +148,22 @@ def forward(q: Tensor, k: Tensor, v: Tensor, prefix_k, prefix_v, prefix_index, p
     from . import _triton_prefix_merge
     from .triton_backend import _in_range
 
+    # out follows q's layout (the custom op declares torch.empty_like(q) for this backend); lse is contiguous.
     if k.shape[2] == 0 or q.numel() == 0:  # no sequence key (or no query): the triton kernels cover it exactly
         from . import triton_fwd
 
         prefix_index, prefix_lengths = _in_range(prefix_k, prefix_index, prefix_lengths)
-        return triton_fwd.forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, None, None, causal,
-                                  scale)
+        out, lse = triton_fwd.forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, None, None, causal,
+                                      scale)
+        return _like(out, q), lse
     out_seq, lse_seq = _sequence_forward(q, k, v, causal, scale)
-    if prefix_k is None:  # the layouts the custom op declares: out [B, Sq, Hq, D] memory, lse contiguous
-        b, hq, sq, d = q.shape
-        out = torch.empty((b, sq, hq, d), dtype=q.dtype, device=q.device).transpose(1, 2)
-        lse = torch.empty((b, hq, sq), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
+    if prefix_k is None:
+        lse = torch.empty(q.shape[:3], dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
                           device=q.device)
-        return out.copy_(out_seq), lse.copy_(lse_seq)
+        return _like(out_seq, q), lse.copy_(lse_seq)
     prefix_index, prefix_lengths = _in_range(prefix_k, prefix_index, prefix_lengths)
     return _triton_prefix_merge.merge_prefix(q, prefix_k, prefix_v, prefix_index, prefix_lengths, out_seq, lse_seq,
-                                             scale)
+                                             scale, out=torch.empty_like(q))
 
 
 def backward(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, attn_bias,
