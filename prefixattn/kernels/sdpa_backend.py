@@ -14,9 +14,9 @@ delta, which the vendor backward cannot take: such calls run the triton backward
 Why: the vendor kernels are the fastest causal attention there is on the sequence part (cuDNN ~500 TFLOP/s
 on an H200 vs ~270 for our Triton forward, benchmarks/NOTES.md), and the prefix part is small, unmasked work.
 Limits: no key padding, no attn_bias, causal only with Sq == Sk or Sq == 1 (where the vendor kernels agree with
-the bottom-right mask), 16-bit
-inputs on the GPU; the vendor backward accumulates dq with atomics, so a call that needs gradients must pass
-deterministic=False.
+the bottom-right mask), 16-bit inputs on the GPU; the vendor backward accumulates dq with atomics, so a call that
+needs gradients must pass deterministic=False. dq is the vendor's (rounded to q's dtype) plus the prefix share
+added in fp32 and rounded again: at most one more rounding than the triton backend's.
 """
 
 from __future__ import annotations
@@ -146,13 +146,13 @@ def _rng_placeholders(kernel: str, device: torch.device):
 def forward(q: Tensor, k: Tensor, v: Tensor, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask,
             attn_bias, causal: bool, scale: float):
     from . import _triton_prefix_merge
-    from .triton_backend import _in_range
+    from .triton_backend import pool_args_in_range
 
     # out follows q's layout (the custom op declares torch.empty_like(q) for this backend); lse is contiguous.
     if k.shape[2] == 0 or q.numel() == 0:  # no sequence key (or no query): the triton kernels cover it exactly
         from . import triton_fwd
 
-        prefix_index, prefix_lengths = _in_range(prefix_k, prefix_index, prefix_lengths)
+        prefix_index, prefix_lengths = pool_args_in_range(prefix_k, prefix_index, prefix_lengths)
         out, lse = triton_fwd.forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, None, None, causal,
                                       scale)
         return _like(out, q), lse
@@ -161,7 +161,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, prefix_k, prefix_v, prefix_index, p
         lse = torch.empty(q.shape[:3], dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
                           device=q.device)
         return _like(out_seq, q), lse.copy_(lse_seq)
-    prefix_index, prefix_lengths = _in_range(prefix_k, prefix_index, prefix_lengths)
+    prefix_index, prefix_lengths = pool_args_in_range(prefix_k, prefix_index, prefix_lengths)
     return _triton_prefix_merge.merge_prefix(q, prefix_k, prefix_v, prefix_index, prefix_lengths, out_seq, lse_seq,
                                              scale, out=torch.empty_like(q))
 
@@ -169,9 +169,9 @@ def forward(q: Tensor, k: Tensor, v: Tensor, prefix_k, prefix_v, prefix_index, p
 def backward(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, attn_bias,
              out, lse, causal: bool, scale: float, *, deterministic: bool = False):
     from . import triton_bwd
-    from .triton_backend import _in_range
+    from .triton_backend import pool_args_in_range
 
-    prefix_index, prefix_lengths = _in_range(prefix_k, prefix_index, prefix_lengths)
+    prefix_index, prefix_lengths = pool_args_in_range(prefix_k, prefix_index, prefix_lengths)
     if dlse is not None or k.shape[2] == 0 or q.numel() == 0:
         # dlse shifts delta, which the vendor backward computes itself; the triton backward takes it.
         return triton_bwd.backward(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, None,

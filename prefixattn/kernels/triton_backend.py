@@ -22,7 +22,7 @@ def unsupported_reason(problem: Problem, *, needs_grad: bool) -> Optional[str]:
     return None
 
 
-def _in_range(prefix_k, prefix_index, prefix_lengths):
+def pool_args_in_range(prefix_k, prefix_index, prefix_lengths):
     """Pool indices outside [0, N) -> -1 (no prefix) and lengths clamped to [0, P], as the decode kernels treat
     them: on the GPU these values are not range-checked (that would sync), and the training kernels index the
     pool and the prefix-gradient partials with them unchecked. Two tiny device ops, no sync."""
@@ -42,7 +42,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, prefix_k, prefix_v, prefix_index, p
                                      key_padding_mask, causal, scale)
     from . import triton_fwd
 
-    prefix_index, prefix_lengths = _in_range(prefix_k, prefix_index, prefix_lengths)
+    prefix_index, prefix_lengths = pool_args_in_range(prefix_k, prefix_index, prefix_lengths)
 
     return triton_fwd.forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths,
                               key_padding_mask, attn_bias, causal, scale)
@@ -52,6 +52,6 @@ def backward(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengt
              attn_bias, out, lse, causal: bool, scale: float, *, deterministic: bool = True):
     from . import triton_bwd
 
-    prefix_index, prefix_lengths = _in_range(prefix_k, prefix_index, prefix_lengths)
+    prefix_index, prefix_lengths = pool_args_in_range(prefix_k, prefix_index, prefix_lengths)
     return triton_bwd.backward(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths,
                                key_padding_mask, attn_bias, out, lse, causal, scale, deterministic=deterministic)
