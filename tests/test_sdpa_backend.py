@@ -239,3 +239,14 @@ def test_gpu_inference_without_opt_in():
     out = prefix_attention(q, k, v, pk, pv, **args, backend="sdpa")
     ref = prefix_attention_reference(q.double(), k.double(), v.double(), pk.double(), pv.double(), **args)
     assert rel_err(out, ref) <= TOLERANCE[torch.bfloat16]
+
+
+def test_out_of_range_pool_index_means_no_prefix():
+    """Unchecked (validate_values=False, the GPU default) an index outside the pool is "no prefix", as on the
+    other backends: never an out-of-bounds read."""
+    case = Case(batch=3, heads_q=4, heads_kv=2, seqlen_q=12, seqlen_k=12, prefix_len=6, pool=2)
+    (q, k, v, pk, pv), args = case.make(requires_grad=False)
+    bad = dict(args, prefix_index=torch.tensor([0, 7, -5]))
+    out = prefix_attention(q, k, v, pk, pv, **bad, backend="sdpa", validate_values=False)
+    want = prefix_attention_reference(q, k, v, pk, pv, **dict(args, prefix_index=torch.tensor([0, -1, -1])))
+    assert rel_err(out, want) <= TOLERANCE[torch.float64]
