@@ -96,6 +96,28 @@ def test_tiny_llama_through_the_sdpa_backend():
     assert torch.equal(gen, ref_gen)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter test is for CPU runs")
+@pytest.mark.parametrize("family,overrides", [("gpt2", {"n_embd": 64}), ("bart", {"d_model": 64}),
+                                              ("qwen3", {"hidden_size": 64})])
+def test_more_families_through_the_sdpa_backend(family, overrides):
+    """GPT-2, BART (encoder, decoder and cross-attention prefixes) and Qwen3 (explicit head_dim) on backend
+    "sdpa": the same logits as the reference backend, for an unpadded batch."""
+    ids = torch.randint(3, 90, (2, 6), generator=torch.Generator().manual_seed(2))
+    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
+    if family == "bart":
+        kw["decoder_input_ids"] = ids[:, :4]
+    logits = {}
+    for backend in ("torch", "sdpa"):
+        model = _prepared(family, backend, **overrides)
+        with torch.no_grad():
+            logits[backend] = model(**kw).logits
+    assert rel_err(logits["sdpa"], logits["torch"]) <= TOLERANCE[torch.float32]
+    model.set_active_adapters(None)
+    with torch.no_grad():
+        plain = model(**kw).logits
+    assert (plain - logits["sdpa"]).abs().max() > 1e-4  # the prefix really acts on this path
+
+
 def test_init_sets_deterministic():
     model = build("llama")
     prefixattn.init(model, backend="sdpa", deterministic=False)
