@@ -70,9 +70,9 @@ def sequence_kernel_for(q: Tensor, k: Tensor, v: Tensor, causal: bool, needs_gra
     params = torch.backends.cuda.SDPAParams(q_, k_, v_, None, 0.0, causal, q.shape[1] != k.shape[1])
     candidates = _CUDA_KERNELS if SEQUENCE_KERNEL == "auto" else (SEQUENCE_KERNEL,)
     for name in candidates:
-        check = (torch.backends.cuda.can_use_cudnn_attention if name == "cudnn"
-                 else torch.backends.cuda.can_use_flash_attention)
-        if check(params, False):
+        # can_use_cudnn_attention is newer than the flash one; without it cuDNN is not offered.
+        check = getattr(torch.backends.cuda, f"can_use_{'cudnn' if name == 'cudnn' else 'flash'}_attention", None)
+        if check is not None and check(params, False):
             return name
     return None
 
