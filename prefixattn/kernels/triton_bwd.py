@@ -319,8 +319,8 @@ def _launch_dq(q, k, v, pre: PrefixArgs, key_padding_mask, attn_bias, dout, lse2
     _bwd_dq_kernel[(triton.cdiv(seq_q, cfg.block_m), batch * heads_q)](
         q, k, v, pre.k, pre.v, pre.index, pre.lengths, pad, bias, dout, lse2, delta, dq,
         q.stride(0), q.stride(1), q.stride(2),
-        *(k.stride()[-4:-1] if seq_keys else (0, 0, 0)),
-        *(v.stride()[-4:-1] if seq_keys else (0, 0, 0)),
+        *((k.stride(0), k.stride(1), k.stride(2)) if seq_keys else (0, 0, 0)),
+        *((v.stride(0), v.stride(1), v.stride(2)) if seq_keys else (0, 0, 0)),
         *pre.stride_k, *pre.stride_v,
         stride_padb, stride_padn,
         sbb, sbh, sbm, sbn,
