@@ -3,7 +3,8 @@
 # Written and dry-run on the CPU in a session without a GPU (2026-11-30, second session). Budget 480 s, so a
 # device call with timeout_s=520 plus the machine's start-up leaves a few minutes of the 15 for a short rerun.
 #
-#   bash benchmarks/gpu_next.sh [--dry]        # --dry: the same steps on the CPU, tiny shapes (tests this file)
+#   PREFIXATTN_GIT_COMMIT=<sha> bash benchmarks/gpu_next.sh   # the device copy has no .git: pass the commit
+#   bash benchmarks/gpu_next.sh --dry          # the same steps on the CPU, tiny shapes (tests this file)
 #
 # 1. install (CUDA extension built), env
 # 2. GPU tests never run on a GPU: backend "sdpa" (cuDNN and flash, bf16/fp16, D 64/128, GQA, pools, the
