@@ -274,8 +274,11 @@ def test_decode_nosplit_variant_forces_one_split_and_restores():
         assert seen == [1] and triton_decode._FORCE["splits"] == 3
 
 
-def test_decode_nosplit_variant_is_information_not_target(tmp_path):
-    assert decode.main(["--smoke", "--out", str(tmp_path), "--backends", "triton"]) == 0
+def test_decode_nosplit_variant_is_information_not_target(tmp_path, monkeypatch):
+    # one (Sk, P) point at B=1 and 2; the interpreter is slow
+    monkeypatch.setattr(decode, "SMOKE", decode.Config(4, 2, 16, (1, 2), (16,), (4,), 8))
+    assert decode.main(["--smoke", "--out", str(tmp_path), "--backends", "triton", "--warmup-ms", "0",
+                        "--rep-ms", "1"]) == 0
     records = load(tmp_path / "decode.json")
     rows = [r for r in records if r["kind"] == "decode" and r["method"] == "variant_nosplit"]
     assert rows and all(r["correct"] for r in rows)
