@@ -1,6 +1,6 @@
 """prefix_attention(): validation, backend choice, autograd, and the torch.library custom ops.
 
-The kernel backends ("triton", "cuda") run inside two custom ops, prefixattn::attention_fwd and
+The kernel backends ("triton", "cuda", "sdpa") run inside two custom ops, prefixattn::attention_fwd and
 prefixattn::attention_bwd, so torch.compile and CUDA graphs see each call as one opaque node with a
 known output shape. The "torch" backend is the reference (plain autograd, no custom op).
 """
@@ -176,7 +176,8 @@ def prefix_attention(
     deterministic (default True): the backward gives bitwise identical gradients run to run. False selects
     a Triton backward that accumulates dq with fp32 atomics instead of recomputing it, so the order of its
     sums varies between runs and gradients can differ in the last bits; the forward is unaffected, and
-    backends without such a path (torch reference) ignore it. Measured on an H200 (bf16, S=2048): 10%
+    backends without such a path (torch reference) ignore it. backend="sdpa" (cuDNN/flash on the sequence
+    keys, whose backward uses atomics) trains only with deterministic=False. Measured on an H200 (bf16, S=2048): 10%
     faster than the default at head dim 64, about 30% slower at 128 (benchmarks/NOTES.md).
 
     validate_values: range-check prefix_index and prefix_lengths (ValueError naming the bad value). The
