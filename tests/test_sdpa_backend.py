@@ -223,13 +223,16 @@ def test_gpu_prefers_cudnn_on_hopper():
     if this fails, "sdpa" is running flash and its timings say nothing about the design."""
     from prefixattn.kernels import sdpa_backend
 
-    for noncontiguous in (False, True):
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the cuDNN preference is asserted for Hopper")
+    for layout in ("bhsd", "bshd", "llama"):  # llama: q [B, S, H, D] memory, k and v contiguous (as in HF)
         case = Case(batch=2, heads_q=8, heads_kv=2, seqlen_q=512, seqlen_k=512, head_dim=128, prefix_len=64,
-                    noncontiguous=noncontiguous)
+                    noncontiguous=layout != "bhsd")
         (q, k, v, _, _), _ = case.make(dtype=torch.bfloat16, device="cuda", requires_grad=False)
-        if torch.cuda.get_device_capability() == (9, 0):
-            for grad in (False, True):
-                assert sdpa_backend.sequence_kernel_for(q, k, v, True, needs_grad=grad) == "cudnn"
+        if layout == "llama":
+            k, v = k.contiguous(), v.contiguous()
+        for grad in (False, True):
+            assert sdpa_backend.sequence_kernel_for(q, k, v, True, needs_grad=grad) == "cudnn", (layout, grad)
 
 
 @pytest.mark.gpu
