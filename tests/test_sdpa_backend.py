@@ -253,3 +253,28 @@ def test_out_of_range_pool_index_means_no_prefix():
     out = prefix_attention(q, k, v, pk, pv, **bad, backend="sdpa", validate_values=False)
     want = prefix_attention_reference(q, k, v, pk, pv, **dict(args, prefix_index=torch.tensor([0, -1, -1])))
     assert rel_err(out, want) <= TOLERANCE[torch.float64]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_gpu_llama_layout_mix_against_reference(head_dim):
+    """transformers' Llama hands over q as [B, S, H, D] memory but k and v contiguous: cuDNN must get this mix
+    right, forward and backward (a hand-called cuDNN op is known to be layout-sensitive)."""
+    g = torch.Generator(device="cuda").manual_seed(11)
+    b, hq, hkv, s, p = 2, 8, 2, 640, 96
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, device="cuda", dtype=torch.bfloat16)
+
+    q = rnd(b, s, hq, head_dim).transpose(1, 2).requires_grad_()
+    k, v = rnd(b, hkv, s, head_dim).requires_grad_(), rnd(b, hkv, s, head_dim).requires_grad_()
+    pk, pv = rnd(hkv, p, head_dim).requires_grad_(), rnd(hkv, p, head_dim).requires_grad_()
+    out = prefix_attention(q, k, v, pk, pv, backend="sdpa", deterministic=False)
+    dout = rnd(b, s, hq, head_dim).transpose(1, 2)  # as the gradient of out.transpose(1, 2).reshape(...)
+    grads = torch.autograd.grad(out, (q, k, v, pk, pv), dout)
+    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v, pk, pv)]
+    ref = prefix_attention_reference(*ref_in)
+    ref_grads = torch.autograd.grad(ref, ref_in, dout.double())
+    assert rel_err(out, ref) <= TOLERANCE[torch.bfloat16]
+    for name, a, r in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v"), grads, ref_grads):
+        assert rel_err(a, r) <= TOLERANCE[torch.bfloat16], name
