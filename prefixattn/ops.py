@@ -43,10 +43,7 @@ def _attention_fwd(
 def _attention_fwd_fake(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, attn_bias,
                         causal, scale, backend, deterministic):
     b, hq, sq, d = q.shape
-    # Kernels write the output as [B, Sq, Hq, D] memory and return the [B, Hq, Sq, D] view, so the
-    # transpose every transformers model does next is free. The sdpa backend follows q's layout instead
-    # (that is [B, Sq, Hq, D] in transformers models), so that the vendor backward's dO matches it.
-    out = torch.empty_like(q) if backend == "sdpa" else q.new_empty((b, sq, hq, d)).transpose(1, 2)
+    out = kernels.get_backend(backend).new_out(q)  # the layout the backend writes (kernels.bshd_empty or q's)
     # float32, or float64 for float64 inputs (as the reference; keeps float64 checks exact end to end).
     lse = q.new_empty((b, hq, sq), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
     return out, lse

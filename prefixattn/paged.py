@@ -237,7 +237,7 @@ def _paged_decode(
 def _paged_decode_fake(q, k_cache, v_cache, block_table, seq_lens, prefix_k, prefix_v, prefix_index,
                        prefix_lengths, scale, backend):
     b, hq, sq, d = q.shape
-    out = q.new_empty((b, sq, hq, d)).transpose(1, 2)  # [B, Sq, Hq, D] memory, as the kernels write it
+    out = kernels.bshd_empty(q)  # as the decode kernels write it
     return out, q.new_empty((b, hq, sq), dtype=torch.float32)
 
 

@@ -71,7 +71,7 @@ def _reference_backend():
             dpk, dpv = dpk.to(pk.dtype), dpv.to(pv.dtype)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dpk, dpv
 
-    return types.SimpleNamespace(forward=forward, backward=backward,
+    return types.SimpleNamespace(forward=forward, backward=backward, new_out=kernels.bshd_empty,
                                  unsupported_reason=lambda problem, needs_grad: None)
 
 

@@ -138,7 +138,8 @@ def main(only=None) -> list:
         # The sdpa backend's Triton parts: the prefix merge forward and the prefix-keys-only dQ (dq +=).
         pidx, plen = args.get("prefix_index"), args.get("prefix_lengths")
         if pk is not None:
-            _triton_prefix_merge.merge_prefix(q, pk, pv, pidx, plen, torch.randn_like(q), lse, head_dim ** -0.5)
+            _triton_prefix_merge.merge_prefix(q, pk, pv, pidx, plen, torch.randn_like(q), lse, head_dim ** -0.5,
+                                              torch.empty_like(q))
             triton_bwd.prefix_backward(torch.randn_like(out), None, q, pk, pv, pidx, plen, out, lse,
                                        torch.randn_like(q), head_dim ** -0.5)
         for i, (name, warps, stages, kernel) in enumerate(compiled):

@@ -1,7 +1,8 @@
 """Kernel backends and the rules for choosing one.
 
 Each backend module exposes forward(...) -> (out, lse) and backward(...) -> (dq, dk, dv, dpk, dpv) with
-the argument order used by prefixattn.ops, plus unsupported_reason(problem, needs_grad) -> str | None.
+the argument order used by prefixattn.ops, unsupported_reason(problem, needs_grad) -> str | None, and
+new_out(q), the empty output its forward writes into (the custom op's fake implementation returns it too).
 Modules are imported lazily: Triton reads TRITON_INTERPRET when a kernel is defined, so tests can set
 it after importing prefixattn but before the first kernel call.
 """
@@ -15,6 +16,14 @@ from typing import Optional
 from ..validation import Problem
 
 _MODULES = {"triton": ".triton_backend", "cuda": ".cuda_backend", "sdpa": ".sdpa_backend"}
+
+
+def bshd_empty(q):
+    """The kernels' output buffer: [B, Sq, Hq, D] memory viewed as [B, Hq, Sq, D], so the transpose every
+    transformers model does next is free. Backends expose their choice as new_out(q); the custom op's fake
+    implementation calls the same function, so the declared and the real layouts cannot drift apart."""
+    b, hq, sq, d = q.shape
+    return q.new_empty((b, sq, hq, d)).transpose(1, 2)
 
 
 def triton_interpreting() -> bool:

@@ -11,8 +11,6 @@ A row whose sequence part is empty (lse_seq = -inf) starts from the empty state 
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
@@ -77,14 +75,11 @@ def _prefix_merge_fwd_kernel(
 
 
 def merge_prefix(q: torch.Tensor, prefix_k, prefix_v, prefix_index, prefix_lengths, out_seq: torch.Tensor,
-                 lse_seq: torch.Tensor, scale: float, out: Optional[torch.Tensor] = None):
+                 lse_seq: torch.Tensor, scale: float, out: torch.Tensor):
     """(out [B, Hq, Sq, D], lse [B, Hq, Sq]) of attention over [prefix; sequence], from the sequence-only result
-    out_seq [B, Hq, Sq, D] (any strides, last dim contiguous) and its natural-log lse_seq [B, Hq, Sq].
-    out: where to write (any strides, last dim contiguous; default [B, Sq, Hq, D] memory).
-    prefix_index must already be range-mapped (out of range -> -1)."""
+    out_seq [B, Hq, Sq, D] (any strides, last dim contiguous) and its natural-log lse_seq [B, Hq, Sq], written
+    into out (any strides, last dim contiguous). prefix_index must already be range-mapped (out of range -> -1)."""
     batch, heads_q, seq_q, head_dim = q.shape
-    if out is None:
-        out = torch.empty((batch, seq_q, heads_q, head_dim), dtype=q.dtype, device=q.device).transpose(1, 2)
     lse = torch.empty((batch, heads_q, seq_q), dtype=acc_dtype(q.dtype), device=q.device)
     if out.numel() == 0:
         return out, lse

@@ -32,6 +32,12 @@ from . import triton_unavailable_reason
 
 aten = torch.ops.aten
 
+def new_out(q: Tensor) -> Tensor:
+    """The output follows q's layout ([B, Sq, Hq, D] memory in transformers models, contiguous in benchmarks),
+    so the dO the vendor backward gets already has out's strides. ops.py's fake uses the same function."""
+    return torch.empty_like(q)
+
+
 # The sequence kernel used on CUDA: "auto" = cuDNN where torch says it can run, else flash. Benchmarks pin one.
 SEQUENCE_KERNEL = "auto"
 _CUDA_KERNELS = ("cudnn", "flash")
@@ -128,8 +134,11 @@ def _sequence_backward(dout, q, k, v, out, lse, causal: bool, scale: float):
 
 
 def _like(t: Tensor, x: Tensor) -> Tensor:
-    """t with torch.empty_like(x)'s strides, as the custom op declares this backend's out and gradients."""
-    like = torch.empty_like(x)  # from the caching allocator: no device work when it is not needed
+    """t with torch.empty_like(x)'s strides, as the custom op declares this backend's out and gradients. The
+    vendor kernels return dense tensors, so equal strides already mean equal layouts: no allocation then."""
+    if t.stride() == x.stride():
+        return t
+    like = torch.empty_like(x)
     return t if like.stride() == t.stride() else like.copy_(t)
 
 
@@ -148,7 +157,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, prefix_k, prefix_v, prefix_index, p
     from . import _triton_prefix_merge
     from .triton_backend import pool_args_in_range
 
-    # out follows q's layout (the custom op declares torch.empty_like(q) for this backend); lse is contiguous.
+    # out in new_out(q)'s layout, as the custom op declares; lse contiguous in the accumulation dtype.
     if k.shape[2] == 0 or q.numel() == 0:  # no sequence key (or no query): the triton kernels cover it exactly
         from . import triton_fwd
 
@@ -158,12 +167,11 @@ def forward(q: Tensor, k: Tensor, v: Tensor, prefix_k, prefix_v, prefix_index, p
         return _like(out, q), lse
     out_seq, lse_seq = _sequence_forward(q, k, v, causal, scale)
     if prefix_k is None:
-        lse = torch.empty(q.shape[:3], dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
-                          device=q.device)
-        return _like(out_seq, q), lse.copy_(lse_seq)
+        lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        return _like(out_seq, q), lse_seq.to(lse_dtype).contiguous()  # a no-op for the vendors' fp32 lse
     prefix_index, prefix_lengths = pool_args_in_range(prefix_k, prefix_index, prefix_lengths)
     return _triton_prefix_merge.merge_prefix(q, prefix_k, prefix_v, prefix_index, prefix_lengths, out_seq, lse_seq,
-                                             scale, out=torch.empty_like(q))
+                                             scale, new_out(q))
 
 
 def backward(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, attn_bias,

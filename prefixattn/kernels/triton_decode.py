@@ -24,6 +24,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import bshd_empty
+
 MAX_QUERY_LEN = 16  # the decode path serves Sq <= 16 (decode, speculative verification, short chunks)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256  # tl.dot needs K >= 16; 256 keeps the tiles within shared memory
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -274,8 +276,7 @@ def _launch(q: Tensor, k: Tensor, v: Tensor, prefix_k, prefix_v, prefix_index, p
 
     batch, heads_q, seqlen_q, head_dim = q.shape
     group = heads_q // heads_kv
-    # Output as [B, Sq, Hq, D] memory viewed as [B, Hq, Sq, D] (see ops.py's fake impl).
-    out = torch.empty((batch, seqlen_q, heads_q, head_dim), dtype=q.dtype, device=q.device).transpose(1, 2)
+    out = bshd_empty(q)
     lse = torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         lse.fill_(float("-inf"))

@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import bshd_empty
 from ._triton_common import (LOG2E, PrefixArgs, bias_strides, load_rows, mask_sequence_scores, padding_args,
                              prefix_entry, store_rows, tl_acc)
 from ._triton_config import KernelConfig, acc_dtype, config_for, dot_precision, head_dim_block
@@ -157,7 +158,7 @@ def forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_paddi
     """(out [B, Hq, Sq, D] view of [B, Sq, Hq, D] memory, lse [B, Hq, Sq] natural log; fp64 lse for fp64 q)."""
     batch, heads_q, seq_q, head_dim = q.shape
     heads_kv, seq_k = k.shape[1], k.shape[2]
-    out = torch.empty((batch, seq_q, heads_q, head_dim), dtype=q.dtype, device=q.device).transpose(1, 2)
+    out = bshd_empty(q)
     lse = torch.empty((batch, heads_q, seq_q), dtype=acc_dtype(q.dtype), device=q.device)
     if out.numel() == 0:
         return out, lse
