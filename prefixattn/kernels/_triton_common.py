@@ -106,6 +106,43 @@ def prefix_entry(PIDX, PLEN, b, P, POOLED: tl.constexpr, HAS_LENGTHS: tl.constex
     return e, plen
 
 
+@triton.jit
+def prefix_tile_ptrs(PK, PV, PIDX, PLEN, b, kvh, prefix_len, stride_pke, stride_pkh, stride_pkn, stride_pve,
+                     stride_pvh, stride_pvn, offs_n, offs_d, POOLED: tl.constexpr, HAS_LENGTHS: tl.constexpr):
+    """(K tile pointers, V tile pointers at prefix key 0, valid length) of sequence b's entry, KV head kvh."""
+    e, plen = prefix_entry(PIDX, PLEN, b, prefix_len, POOLED, HAS_LENGTHS)
+    e64 = tl.cast(e, tl.int64)
+    kvh64 = kvh.to(tl.int64)
+    pk_ptrs = PK + e64 * stride_pke + kvh64 * stride_pkh + offs_n[:, None] * stride_pkn + offs_d[None, :]
+    pv_ptrs = PV + e64 * stride_pve + kvh64 * stride_pvh + offs_n[:, None] * stride_pvn + offs_d[None, :]
+    return pk_ptrs, pv_ptrs, plen
+
+
+@triton.jit
+def sequence_tile_bounds(m0, seq_q, seq_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """(full_end, hi) for the query tile starting at row m0: sequence key tiles [0, full_end) are visible to
+    every row of it (no mask), [full_end, hi) need the causal mask or the ragged-end bound, and keys past hi are
+    visible to none. Causal is bottom-right: query i sees key j <= i + (seq_k - seq_q), seq_q <= seq_k."""
+    if CAUSAL:
+        hi = tl.minimum(seq_k, m0 + BLOCK_M + seq_k - seq_q)
+        full_end = ((m0 + seq_k - seq_q + 1) // BLOCK_N) * BLOCK_N
+    else:
+        hi = seq_k
+        full_end = (seq_k // BLOCK_N) * BLOCK_N
+    return full_end, hi
+
+
+@triton.jit
+def finish_rows(acc, m_i, l_i):
+    """(out, natural-log lse) from an online-softmax state (base-2 row max m_i, row sum l_i); rows that saw
+    nothing to attend (l = 0) give out 0 and lse -inf, never NaN."""
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    return out, lse
+
+
 @dataclass
 class PrefixArgs:
     """Kernel-side view of the prefix: pointers (dummies when absent), strides and flags.

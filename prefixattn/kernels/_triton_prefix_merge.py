@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import LOG2E, PrefixArgs, load_rows, prefix_entry, store_rows, tl_acc
+from ._triton_common import LOG2E, PrefixArgs, finish_rows, load_rows, prefix_tile_ptrs, store_rows, tl_acc
 from ._triton_config import acc_dtype, config_for, dot_precision, head_dim_block
 from .triton_fwd import prefix_tiles
 
@@ -57,18 +57,13 @@ def _prefix_merge_fwd_kernel(
                     offs_m, seq_q, offs_d, HEAD_DIM, BLOCK_D, True).to(ACC)
     acc = tl.where(has_seq[:, None], acc, 0.0)
 
-    e, plen = prefix_entry(PIDX, PLEN, b, prefix_len, POOLED, HAS_LENGTHS)
-    pk_ptrs = (PK + tl.cast(e, tl.int64) * stride_pke + kvh.to(tl.int64) * stride_pkh
-               + offs_n[:, None] * stride_pkn + offs_d[None, :])
-    pv_ptrs = (PV + tl.cast(e, tl.int64) * stride_pve + kvh.to(tl.int64) * stride_pvh
-               + offs_n[:, None] * stride_pvn + offs_d[None, :])
+    pk_ptrs, pv_ptrs, plen = prefix_tile_ptrs(PK, PV, PIDX, PLEN, b, kvh, prefix_len, stride_pke, stride_pkh,
+                                              stride_pkn, stride_pve, stride_pvh, stride_pvn, offs_n, offs_d,
+                                              POOLED, HAS_LENGTHS)
     acc, m_i, l_i = prefix_tiles(acc, m_i, l_i, q, pk_ptrs, pv_ptrs, stride_pkn, stride_pvn, plen, offs_m, offs_n,
                                  offs_d, qk_scale, seq_q, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
 
-    empty = l_i == 0.0
-    l_safe = tl.where(empty, 1.0, l_i)
-    out = acc / l_safe[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    out, lse = finish_rows(acc, m_i, l_i)
     store_rows(OUT + b64 * stride_ob + h64 * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
                out.to(OUT.dtype.element_ty), offs_m, seq_q, offs_d, HEAD_DIM, BLOCK_D)
     tl.store(LSE + pid_bh.to(tl.int64) * seq_q + offs_m, lse.to(LSE.dtype.element_ty), mask=offs_m < seq_q)

@@ -28,7 +28,7 @@ import triton.language as tl
 
 from . import _triton_prefix_bwd
 from ._triton_common import (LOG2E, PrefixArgs, atomic_add_rows, bias_strides, load_rows, mask_sequence_scores,
-                             padding_args, prefix_entry, store_rows, tl_acc)
+                             padding_args, prefix_tile_ptrs, sequence_tile_bounds, store_rows, tl_acc)
 from ._triton_config import KernelConfig, acc_dtype, config_for, dot_precision, head_dim_block
 
 _PREPROCESS_BLOCK_M = 64
@@ -130,10 +130,9 @@ def _bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
 
     if HAS_PREFIX:
-        e, plen = prefix_entry(PIDX, PLEN, b, prefix_len, POOLED, HAS_LENGTHS)
-        e64 = tl.cast(e, tl.int64)
-        pk_ptrs = PK + e64 * stride_pke + kvh * stride_pkh + offs_n[:, None] * stride_pkn + offs_d[None, :]
-        pv_ptrs = PV + e64 * stride_pve + kvh * stride_pvh + offs_n[:, None] * stride_pvn + offs_d[None, :]
+        pk_ptrs, pv_ptrs, plen = prefix_tile_ptrs(PK, PV, PIDX, PLEN, b, kvh, prefix_len, stride_pke, stride_pkh,
+                                                  stride_pkn, stride_pve, stride_pvh, stride_pvn, offs_n, offs_d,
+                                                  POOLED, HAS_LENGTHS)
         full_end = (plen // BLOCK_N) * BLOCK_N
         for start in range(0, full_end, BLOCK_N):
             dq = _dq_step(dq, q, do, lse2, delta, pk_ptrs + start * stride_pkn, pv_ptrs + start * stride_pvn,
@@ -149,12 +148,7 @@ def _bwd_dq_kernel(
         v_ptrs = V + b64 * stride_vb + kvh * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :]
         bias_base = BIAS + b64 * stride_bb + h64 * stride_bh
         pad_base = PAD + b64 * stride_padb
-        if CAUSAL:
-            hi = tl.minimum(seq_k, m0 + BLOCK_M + seq_k - seq_q)
-            full_end = ((m0 + seq_k - seq_q + 1) // BLOCK_N) * BLOCK_N
-        else:
-            hi = seq_k
-            full_end = (seq_k // BLOCK_N) * BLOCK_N
+        full_end, hi = sequence_tile_bounds(m0, seq_q, seq_k, BLOCK_M, BLOCK_N, CAUSAL)
         for start in range(0, full_end, BLOCK_N):
             dq = _dq_step(dq, q, do, lse2, delta, k_ptrs + start * stride_kn, v_ptrs + start * stride_vn,
                           start + offs_n, seq_k, offs_m, offs_d, qk_scale, seq_q, seq_k, bias_base, stride_bm, stride_bn,

@@ -19,8 +19,8 @@ import triton
 import triton.language as tl
 
 from . import bshd_empty
-from ._triton_common import (LOG2E, PrefixArgs, bias_strides, load_rows, mask_sequence_scores, padding_args,
-                             prefix_entry, store_rows, tl_acc)
+from ._triton_common import (LOG2E, PrefixArgs, bias_strides, finish_rows, load_rows, mask_sequence_scores,
+                             padding_args, prefix_tile_ptrs, sequence_tile_bounds, store_rows, tl_acc)
 from ._triton_config import KernelConfig, acc_dtype, config_for, dot_precision, head_dim_block
 
 
@@ -107,11 +107,9 @@ def _prefix_attention_fwd_kernel(
 
     # 1. prefix tiles: always visible; only the tail tile (valid length not a multiple of BLOCK_N) is masked.
     if HAS_PREFIX:
-        e, plen = prefix_entry(PIDX, PLEN, b, prefix_len, POOLED, HAS_LENGTHS)
-        pk_ptrs = (PK + tl.cast(e, tl.int64) * stride_pke + kvh.to(tl.int64) * stride_pkh
-                   + offs_n[:, None] * stride_pkn + offs_d[None, :])
-        pv_ptrs = (PV + tl.cast(e, tl.int64) * stride_pve + kvh.to(tl.int64) * stride_pvh
-                   + offs_n[:, None] * stride_pvn + offs_d[None, :])
+        pk_ptrs, pv_ptrs, plen = prefix_tile_ptrs(PK, PV, PIDX, PLEN, b, kvh, prefix_len, stride_pke, stride_pkh,
+                                                  stride_pkn, stride_pve, stride_pvh, stride_pvn, offs_n, offs_d,
+                                                  POOLED, HAS_LENGTHS)
         acc, m_i, l_i = prefix_tiles(acc, m_i, l_i, q, pk_ptrs, pv_ptrs, stride_pkn, stride_pvn, plen, offs_m, offs_n,
                                      offs_d, qk_scale, seq_q, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
 
@@ -120,13 +118,7 @@ def _prefix_attention_fwd_kernel(
     v_ptrs = V + b64 * stride_vb + kvh.to(tl.int64) * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :]
     bias_base = BIAS + b64 * stride_bb + h.to(tl.int64) * stride_bh
     pad_base = PAD + b64 * stride_padb
-    if CAUSAL:
-        # query i sees key j <= i + (seq_k - seq_q); seq_q <= seq_k so the offset is >= 0.
-        hi = tl.minimum(seq_k, m0 + BLOCK_M + seq_k - seq_q)
-        full_end = ((m0 + seq_k - seq_q + 1) // BLOCK_N) * BLOCK_N
-    else:
-        hi = seq_k
-        full_end = (seq_k // BLOCK_N) * BLOCK_N
+    full_end, hi = sequence_tile_bounds(m0, seq_q, seq_k, BLOCK_M, BLOCK_N, CAUSAL)
     for start in range(0, full_end, BLOCK_N):
         acc, m_i, l_i = _online_softmax_step(
             acc, m_i, l_i, q, k_ptrs + start * stride_kn, v_ptrs + start * stride_vn, start + offs_n, seq_k,
@@ -138,11 +130,7 @@ def _prefix_attention_fwd_kernel(
             offs_m, offs_d, qk_scale, seq_q, seq_k, bias_base, stride_bm, stride_bn, pad_base, stride_padn,
             True, True, CAUSAL, HAS_BIAS, HAS_PAD, HEAD_DIM, BLOCK_D, DOT_PREC)
 
-    # Rows with nothing to attend (l = 0): output 0 and lse = -inf.
-    empty = l_i == 0.0
-    l_safe = tl.where(empty, 1.0, l_i)
-    out = acc / l_safe[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    out, lse = finish_rows(acc, m_i, l_i)
     o_ptrs = OUT + b64 * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
     store_rows(o_ptrs, out.to(OUT.dtype.element_ty), offs_m, seq_q, offs_d, HEAD_DIM, BLOCK_D)
     tl.store(LSE + pid_bh.to(tl.int64) * seq_q + offs_m, lse.to(LSE.dtype.element_ty), mask=offs_m < seq_q)
