@@ -87,6 +87,21 @@ def mask_sequence_scores(s, rows_q, cols_k, seq_q, seq_k, bias_base, stride_bias
 
 
 @triton.jit
+def tile_scores(q, k, cols, n_valid, offs_m, qk_scale, seq_q, seq_k, bias_base, stride_bias_m, stride_bias_n,
+                pad_base, stride_pad_n, SEQUENCE: tl.constexpr, BOUND: tl.constexpr, CAUSAL: tl.constexpr,
+                HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Base-2 scores [queries, keys] of q against the key tile k (columns `cols`), masked: sequence keys with
+    bias / causal / bound / padding (mask_sequence_scores), prefix keys only at their valid length n_valid."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+    if SEQUENCE:
+        s = mask_sequence_scores(s, offs_m[:, None], cols[None, :], seq_q, seq_k, bias_base, stride_bias_m,
+                                 stride_bias_n, pad_base, stride_pad_n, CAUSAL, BOUND, HAS_BIAS, HAS_PAD)
+    elif BOUND:
+        s = tl.where(cols[None, :] < n_valid, s, float("-inf"))
+    return s
+
+
+@triton.jit
 def prefix_entry(PIDX, PLEN, b, P, POOLED: tl.constexpr, HAS_LENGTHS: tl.constexpr):
     """(pool entry, valid prefix length) for sequence b; length 0 when it has no prefix (index -1)."""
     if POOLED:

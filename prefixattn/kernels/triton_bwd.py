@@ -28,7 +28,7 @@ import triton.language as tl
 
 from . import _triton_prefix_bwd
 from ._triton_common import (LOG2E, PrefixArgs, atomic_add_rows, bias_strides, load_rows, mask_sequence_scores,
-                             padding_args, prefix_tile_ptrs, sequence_tile_bounds, store_rows, tl_acc)
+                             padding_args, prefix_tile_ptrs, sequence_tile_bounds, store_rows, tile_scores, tl_acc)
 from ._triton_config import KernelConfig, acc_dtype, config_for, dot_precision, head_dim_block
 
 _PREPROCESS_BLOCK_M = 64
@@ -73,12 +73,8 @@ def _dq_step(dq, q, do, lse2, delta, k_ptrs, v_ptrs, cols, n_valid, offs_m, offs
              HAS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
     k = load_rows(k_ptrs, cols, n_valid, offs_d, HEAD_DIM, BLOCK_D, BOUND)
     v = load_rows(v_ptrs, cols, n_valid, offs_d, HEAD_DIM, BLOCK_D, BOUND)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-    if SEQUENCE:
-        s = mask_sequence_scores(s, offs_m[:, None], cols[None, :], seq_q, seq_k, bias_base, stride_bias_m,
-                                 stride_bias_n, pad_base, stride_pad_n, CAUSAL, BOUND, HAS_BIAS, HAS_PAD)
-    elif BOUND:
-        s = tl.where(cols[None, :] < n_valid, s, float("-inf"))
+    s = tile_scores(q, k, cols, n_valid, offs_m, qk_scale, seq_q, seq_k, bias_base, stride_bias_m, stride_bias_n,
+                    pad_base, stride_pad_n, SEQUENCE, BOUND, CAUSAL, HAS_BIAS, HAS_PAD, DOT_PREC)
     p = tl.exp2(s - lse2[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
     ds = p * (dp - delta[:, None])

@@ -19,8 +19,8 @@ import triton
 import triton.language as tl
 
 from . import bshd_empty
-from ._triton_common import (LOG2E, PrefixArgs, bias_strides, finish_rows, load_rows, mask_sequence_scores,
-                             padding_args, prefix_tile_ptrs, sequence_tile_bounds, store_rows, tl_acc)
+from ._triton_common import (LOG2E, PrefixArgs, bias_strides, finish_rows, load_rows, padding_args, prefix_tile_ptrs,
+                             sequence_tile_bounds, store_rows, tile_scores, tl_acc)
 from ._triton_config import KernelConfig, acc_dtype, config_for, dot_precision, head_dim_block
 
 
@@ -32,12 +32,8 @@ def _online_softmax_step(acc, m_i, l_i, q, k_ptrs, v_ptrs, cols, n_valid, offs_m
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
     """Fold one key tile (columns `cols`) into the running (acc, row max m_i, row sum l_i), all base 2."""
     k = load_rows(k_ptrs, cols, n_valid, offs_d, HEAD_DIM, BLOCK_D, BOUND)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-    if SEQUENCE:
-        s = mask_sequence_scores(s, offs_m[:, None], cols[None, :], seq_q, seq_k, bias_base, stride_bias_m,
-                                 stride_bias_n, pad_base, stride_pad_n, CAUSAL, BOUND, HAS_BIAS, HAS_PAD)
-    elif BOUND:
-        s = tl.where(cols[None, :] < n_valid, s, float("-inf"))
+    s = tile_scores(q, k, cols, n_valid, offs_m, qk_scale, seq_q, seq_k, bias_base, stride_bias_m, stride_bias_n,
+                    pad_base, stride_pad_n, SEQUENCE, BOUND, CAUSAL, HAS_BIAS, HAS_PAD, DOT_PREC)
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # A row that has seen only masked keys keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
