@@ -72,7 +72,7 @@ def _reference_backend():
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dpk, dpv
 
     return types.SimpleNamespace(forward=forward, backward=backward, new_out=kernels.bshd_empty,
-                                 unsupported_reason=lambda problem, needs_grad: None)
+                                 unsupported_reason=lambda problem, needs_grad, deterministic=True: None)
 
 
 @pytest.fixture

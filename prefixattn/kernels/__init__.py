@@ -1,7 +1,8 @@
 """Kernel backends and the rules for choosing one.
 
 Each backend module exposes forward(...) -> (out, lse) and backward(...) -> (dq, dk, dv, dpk, dpv) with
-the argument order used by prefixattn.ops, unsupported_reason(problem, needs_grad) -> str | None, and
+the argument order used by prefixattn.ops, unsupported_reason(problem, *, needs_grad, deterministic) -> str | None
+(deterministic: whether the caller needs a deterministic backward), and
 new_out(q), the empty output its forward writes into (the custom op's fake implementation returns it too).
 Modules are imported lazily: Triton reads TRITON_INTERPRET when a kernel is defined, so tests can set
 it after importing prefixattn but before the first kernel call.
@@ -68,13 +69,7 @@ def get_backend(name: str) -> ModuleType:
 
 def unsupported_reason(name: str, problem: Problem, *, needs_grad: bool, deterministic: bool = True) -> Optional[str]:
     """Why backend `name` cannot run this problem, or None if it can."""
-    if name == "triton":
-        reason = triton_unavailable_reason(problem.device)
-        if reason is not None:
-            return reason
-    if name == "sdpa":  # the one backend whose backward is not deterministic
-        return get_backend(name).unsupported_reason(problem, needs_grad=needs_grad, deterministic=deterministic)
-    return get_backend(name).unsupported_reason(problem, needs_grad=needs_grad)
+    return get_backend(name).unsupported_reason(problem, needs_grad=needs_grad, deterministic=deterministic)
 
 
 def check_backend(name: str, problem: Problem, *, needs_grad: bool, deterministic: bool = True) -> None:

@@ -64,8 +64,9 @@ def _shape_reason(device: torch.device, dtype: torch.dtype, head_dim: int, seqle
     return None
 
 
-def unsupported_reason(problem: Problem, *, needs_grad: bool) -> Optional[str]:
-    """Why the CUDA kernels cannot run this (contiguous-form) problem, or None if they can."""
+def unsupported_reason(problem: Problem, *, needs_grad: bool, deterministic: bool = True) -> Optional[str]:
+    """Why the CUDA kernels cannot run this (contiguous-form) problem, or None if they can (inference only, so
+    deterministic does not matter)."""
     reason = _shape_reason(problem.device, problem.dtype, problem.head_dim, problem.seqlen_q, needs_grad)
     if reason is None and problem.has_bias:
         reason = "attn_bias is not supported by the CUDA kernels"

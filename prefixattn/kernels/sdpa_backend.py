@@ -72,8 +72,9 @@ def sequence_kernel_for(q: Tensor, k: Tensor, v: Tensor, causal: bool, needs_gra
     if q.device.type != "cuda":
         return "cpu_flash"
     causal = _sequence_causal(causal, q)
-    q_, k_, v_ = (t.detach().requires_grad_(needs_grad) for t in (q, k, v))  # views: needs_grad picks bwd rules
-    params = torch.backends.cuda.SDPAParams(q_, k_, v_, None, 0.0, causal, q.shape[1] != k.shape[1])
+    if needs_grad:  # torch applies its backward rules to inputs that require grad: grad-requiring views
+        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    params = torch.backends.cuda.SDPAParams(q, k, v, None, 0.0, causal, q.shape[1] != k.shape[1])
     candidates = _CUDA_KERNELS if SEQUENCE_KERNEL == "auto" else (SEQUENCE_KERNEL,)
     for name in candidates:
         # can_use_cudnn_attention is newer than the flash one; without it cuDNN is not offered.

@@ -12,13 +12,16 @@ import torch
 from torch import Tensor
 
 from ..validation import Problem
-from . import bshd_empty
+from . import bshd_empty, triton_unavailable_reason
 
 new_out = bshd_empty  # the output layout of both routes (ops.py's fake implementation uses it)
 MAX_HEAD_DIM = 256
 
 
-def unsupported_reason(problem: Problem, *, needs_grad: bool) -> Optional[str]:
+def unsupported_reason(problem: Problem, *, needs_grad: bool, deterministic: bool = True) -> Optional[str]:
+    reason = triton_unavailable_reason(problem.device)
+    if reason is not None:
+        return reason
     if problem.head_dim > MAX_HEAD_DIM:
         return f"head dim {problem.head_dim} is above the Triton kernels' limit of {MAX_HEAD_DIM}"
     return None
