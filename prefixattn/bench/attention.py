@@ -253,36 +253,33 @@ def build_floor(shape: Shape, device) -> list[Method]:
     return methods
 
 
-def build_prefixattn(backend: str) -> list[Method]:
+def _prefixattn_method(name: str, *, forward: bool = True, note_suffix: str = "", **op_kwargs) -> list[Method]:
+    """prefixattn.prefix_attention(q, k, v, prefix_k, prefix_v, causal=True, **op_kwargs) as a Method."""
     import prefixattn
 
     def fwd(q, k, v, pk, pv):
-        return prefixattn.prefix_attention(q, k, v, pk, pv, causal=True, backend=backend)
+        return prefixattn.prefix_attention(q, k, v, pk, pv, causal=True, **op_kwargs)
 
-    return [Method("prefixattn", fwd, f"prefixattn.prefix_attention(backend={backend!r})")]
+    args = ", ".join(f"{k}={v!r}" for k, v in op_kwargs.items())
+    return [Method(name, fwd, f"prefixattn.prefix_attention({args}){note_suffix}", forward=forward)]
+
+
+def build_prefixattn(backend: str) -> list[Method]:
+    return _prefixattn_method("prefixattn", backend=backend)
 
 
 def build_prefixattn_fast(backend: str) -> list[Method]:
-    import prefixattn
-
-    def fwd(q, k, v, pk, pv):
-        return prefixattn.prefix_attention(q, k, v, pk, pv, causal=True, backend=backend, deterministic=False)
-
-    return [Method("prefixattn_fast", fwd, f"prefixattn.prefix_attention(backend={backend!r}, deterministic=False)",
-                   forward=False)]
+    # fwd+bwd only: the forward is the same as prefixattn's
+    return _prefixattn_method("prefixattn_fast", forward=False, backend=backend, deterministic=False)
 
 
 def build_prefixattn_sdpa(example: "InputSet") -> list[Method]:
     """The note records which vendor kernel ran the sequence part (cuDNN is the point; flash is slower)."""
-    import prefixattn
     from prefixattn.kernels import sdpa_backend
 
-    def fwd(q, k, v, pk, pv):
-        return prefixattn.prefix_attention(q, k, v, pk, pv, causal=True, backend="sdpa", deterministic=False)
-
     kernel = sdpa_backend.sequence_kernel_for(example.q, example.k, example.v, True, needs_grad=True)
-    return [Method("prefixattn_sdpa", fwd, f"prefixattn.prefix_attention(backend='sdpa', deterministic=False); "
-                                           f"sequence kernel: {kernel}")]
+    return _prefixattn_method("prefixattn_sdpa", note_suffix=f"; sequence kernel: {kernel}", backend="sdpa",
+                              deterministic=False)
 
 
 # ---------------------------------------------------------------------------------------------- inputs

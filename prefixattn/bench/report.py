@@ -76,6 +76,18 @@ def attention_targets(records: list[dict]) -> list[dict]:
     return out
 
 
+def _target_line(label: str, tg: dict, shape: str, plens, key: str) -> str:
+    """One table row of target fields (fwd and fwd+bwd per P): a time/ratio in ms format, or the verdict."""
+    cells = []
+    for p in plens:
+        f, b = tg.get((shape, p, "fwd")), tg.get((shape, p, "fwdbwd"))
+        if key == "verdict":
+            cells.append(f"{(f or {}).get('verdict', '-'):>11} {(b or {}).get('verdict', '-'):>8}")
+        else:
+            cells.append(fmt_ms(f and f[key], 11) + " " + fmt_ms(b and b[key], 8))
+    return f"{label:<21}" + "".join(cells)
+
+
 def attention_table(records: list[dict]) -> str:
     """The side-by-side table (ms, median) per shape, then targets and peak memory."""
     rows = [r for r in records if r.get("kind") == "attention"]
@@ -89,8 +101,8 @@ def attention_table(records: list[dict]) -> str:
         lines.append(f"  ceiling {c['what']}: " + (f"{c['TFLOPs']:.0f} TFLOP/s" if "TFLOPs" in c
                                                     else f"{c['TBps']:.2f} TB/s"))
     targets = attention_targets(records)
-    tgt = {(t["shape"], t["P"], t["mode"]): t for t in targets if t.get("method", "prefixattn") == "prefixattn"}
-    tgt_sdpa = {(t["shape"], t["P"], t["mode"]): t for t in targets if t.get("method") == "prefixattn_sdpa"}
+    tgt, tgt_sdpa = ({(t["shape"], t["P"], t["mode"]): t for t in targets if t.get("method", "prefixattn") == m}
+                     for m in TARGET_METHODS)
     by = {(r["shape"], r["method"], r["P"], r["mode"]): r for r in rows}
     for shape in dict.fromkeys(r["shape"] for r in rows):
         srows = [r for r in rows if r["shape"] == shape]
@@ -111,26 +123,11 @@ def attention_table(records: list[dict]) -> str:
                 mark = "!" if (f or b or {}).get("correct") is False else ""
                 cells.append(fmt_ms(f and f["ms"], 11) + (mark or " ") + fmt_ms(b and b["ms"], 8))
             lines.append(f"{method:<21}" + "".join(cells))
-        for label, key in (("limit (target)", "limit_ms"), ("prefixattn/limit", "ratio_to_limit")):
-            cells = []
-            for p in plens:
-                f, b = tgt.get((shape, p, "fwd")), tgt.get((shape, p, "fwdbwd"))
-                cells.append(fmt_ms(f and f[key], 11) + " " + fmt_ms(b and b[key], 8))
-            lines.append(f"{label:<21}" + "".join(cells))
-        cells = []
-        for p in plens:
-            f, b = tgt.get((shape, p, "fwd")), tgt.get((shape, p, "fwdbwd"))
-            cells.append(f"{(f or {}).get('verdict', '-'):>11} {(b or {}).get('verdict', '-'):>8}")
-        lines.append(f"{'verdict':<21}" + "".join(cells))
-        if any((shape, p, m) in tgt_sdpa for p in plens for m in ("fwd", "fwdbwd")):
-            cells = []
-            for p in plens:
-                f, b = tgt_sdpa.get((shape, p, "fwd")), tgt_sdpa.get((shape, p, "fwdbwd"))
-                cells.append(fmt_ms(f and f["ratio_to_limit"], 11) + " " + fmt_ms(b and b["ratio_to_limit"], 8))
-            lines.append(f"{'pa_sdpa/limit':<21}" + "".join(cells))
-            cells = [f"{(tgt_sdpa.get((shape, p, 'fwd')) or {}).get('verdict', '-'):>11} "
-                     f"{(tgt_sdpa.get((shape, p, 'fwdbwd')) or {}).get('verdict', '-'):>8}" for p in plens]
-            lines.append(f"{'pa_sdpa verdict':<21}" + "".join(cells))
+        rows_of = [("limit (target)", tgt, "limit_ms"), ("prefixattn/limit", tgt, "ratio_to_limit"),
+                   ("verdict", tgt, "verdict")]
+        if any(key[0] == shape for key in tgt_sdpa):
+            rows_of += [("pa_sdpa/limit", tgt_sdpa, "ratio_to_limit"), ("pa_sdpa verdict", tgt_sdpa, "verdict")]
+        lines += [_target_line(label, tg, shape, plens, key) for label, tg, key in rows_of]
         cells = []
         for p in plens:
             f, b = by.get((shape, "prefixattn", p, "fwd")), by.get((shape, "prefixattn", p, "fwdbwd"))
