@@ -8,7 +8,8 @@
 #
 # 1. install (CUDA extension built), env
 # 2. GPU tests never run on a GPU: backend "sdpa" (cuDNN and flash, bf16/fp16, D 64/128, GQA, pools, the
-#    transformers layout), the PEFT import on the kernels, the demo on the kernels
+#    transformers layout), the PEFT import on the kernels, the demo on the kernels, and a few CUDA-backend
+#    tests (its output buffer now comes from kernels.bshd_empty; same layout, not yet run there)
 # 3. attention: prefixattn (triton) vs prefixattn_sdpa vs the cuDNN floor, main shape at P=16/128/512, GQA and
 #    D=64 at P=128 (decides whether `auto` should pick "sdpa" for training and prefill)
 # 4. e2e: training step floor / prefixattn / prefixattn_sdpa (issue 3's +3% target), then generation with the
@@ -18,8 +19,15 @@
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 
+# One line: gpu_check.sh runs the tests step as `bash -c "... pytest $PYTEST_ARGS ..."`, where a newline would
+# end the command. The dry run takes the same step (the GPU tests then collect and skip).
+PYTEST_ARGS="-q -m gpu --maxfail=5 -rfE -p no:cacheprovider tests/test_sdpa_backend.py tests/hf/test_peft_compat.py"
+PYTEST_ARGS+=" tests/test_demo.py tests/test_cuda_backend.py"
+PYTEST_ARGS+=" -k 'not test_cuda_backend or special_cases or forced_split or empty_rows or graph'"
+
 if [ "${1:-}" = "--dry" ]; then
-  exec bash benchmarks/gpu_check.sh --dry --budget 400 --steps env,attention,e2e,decode \
+  exec bash benchmarks/gpu_check.sh --dry --budget 400 --steps env,tests,attention,e2e,decode \
+    --pytest-args "$PYTEST_ARGS" \
     --attn-args "--phases main --methods prefixattn,prefixattn_sdpa,floor" \
     --e2e-args "--phases train --train-methods floor,prefixattn,prefixattn_sdpa"
 fi
@@ -27,7 +35,6 @@ fi
 export CAP_INSTALL=${CAP_INSTALL:-60} CAP_TESTS=${CAP_TESTS:-110} CAP_ATTENTION=${CAP_ATTENTION:-100}
 export CAP_E2E=${CAP_E2E:-150} CAP_DECODE=${CAP_DECODE:-90}
 exec bash benchmarks/gpu_check.sh --budget "${BUDGET:-480}" --steps install,env,tests,attention,e2e,decode \
-  --pytest-args "-q -m gpu --maxfail=5 -rfE -p no:cacheprovider tests/test_sdpa_backend.py
-                 tests/hf/test_peft_compat.py tests/test_demo.py" \
+  --pytest-args "$PYTEST_ARGS" \
   --attn-args "--quick --skip-flex --methods prefixattn,prefixattn_sdpa,floor" \
   --e2e-args "--quick --phases train,generate,serve --train-methods floor,prefixattn,prefixattn_sdpa"
