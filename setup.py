@@ -72,8 +72,12 @@ def cuda_lib_dirs(nvcc: str) -> list[str]:
     tops.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
     dirs = []
     for top in tops:
-        for sub in ("lib64", "lib", os.path.join("targets", "x86_64-linux", "lib"),
-                    os.path.join("targets", "sbsa-linux", "lib")):
+        for sub in (
+            "lib64",
+            "lib",
+            os.path.join("targets", "x86_64-linux", "lib"),
+            os.path.join("targets", "sbsa-linux", "lib"),
+        ):
             d = os.path.realpath(os.path.join(top, sub))
             if os.path.isfile(os.path.join(d, "libcudart_static.a")) and d not in dirs:
                 dirs.append(d)
@@ -119,8 +123,17 @@ class BuildExt(build_ext):
         nvcc = ext._prefixattn_nvcc
         out_dir = os.path.abspath(os.path.join(self.build_temp, "nvcc"))
         os.makedirs(out_dir, exist_ok=True)
-        flags = ["-O3", "-std=c++17", "-lineinfo", "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden",
-                 "-Icsrc", *gencode_flags()]
+        flags = [
+            "-O3",
+            "-std=c++17",
+            "-lineinfo",
+            "-Xcompiler",
+            "-fPIC",
+            "-Xcompiler",
+            "-fvisibility=hidden",
+            "-Icsrc",
+            *gencode_flags(),
+        ]
         deps = [os.path.join(ROOT, h) for h in HEADERS] + [os.path.join(ROOT, "setup.py")]
 
         def compile_one(src: str) -> str:

@@ -1,4 +1,6 @@
-"""End-to-end benchmark: training step and generation of a 1.1B Llama-shaped model. The code lives in prefixattn/bench/e2e.py."""
+"""End-to-end benchmark: training step and generation of a 1.1B Llama-shaped model.
+
+The code lives in prefixattn/bench/e2e.py."""
 
 import sys
 from pathlib import Path

@@ -74,8 +74,19 @@ def run_contiguous(gen, dtype, D, splits, kind):
     k, v = rand(gen, B, Hkv, Sk, D, dtype=dtype), rand(gen, B, Hkv, Sk, D, dtype=dtype)
     pk, pv, pidx, plen = prefix_tensors(gen, kind, Hkv, P, D, B, dtype)
     kpm = torch.rand(B, Sk, generator=gen) > 0.2
-    out, lse = cuda_backend.decode(cuda(q), cuda(k), cuda(v), cuda(pk), cuda(pv), cuda(pidx), cuda(plen), cuda(kpm),
-                                   True, D ** -0.5, num_splits=splits)
+    out, lse = cuda_backend.decode(
+        cuda(q),
+        cuda(k),
+        cuda(v),
+        cuda(pk),
+        cuda(pv),
+        cuda(pidx),
+        cuda(plen),
+        cuda(kpm),
+        True,
+        D**-0.5,
+        num_splits=splits,
+    )
     return (out, lse), reference(q, k, v, pk, pv, pidx, plen, kpm, True)
 
 
@@ -115,11 +126,22 @@ def run_paged(gen, dtype, D, splits, kind, *, bad=False):
     lengths = torch.tensor([100, -2, 19]) if bad else None
     q, kc, vc, bt, sl, pk, pv, pidx, plen = paged_problem(gen, dtype, D, kind, Sq=1 if bad else 2, lengths=lengths)
     if bad:  # page ids below and past the cache (one huge), pool indices past the pool
-        bt[0, 1], bt[2, 0], bt[2, 2] = -1, kc.shape[0], 2 ** 31 - 1
+        bt[0, 1], bt[2, 0], bt[2, 2] = -1, kc.shape[0], 2**31 - 1
         if pidx is not None:
             pidx = torch.tensor([7, -5, 1])
-    out, lse = cuda_backend.paged_decode(cuda(q), cuda(kc), cuda(vc), cuda(bt), cuda(sl), cuda(pk), cuda(pv),
-                                         cuda(pidx), cuda(plen), D ** -0.5, num_splits=splits)
+    out, lse = cuda_backend.paged_decode(
+        cuda(q),
+        cuda(kc),
+        cuda(vc),
+        cuda(bt),
+        cuda(sl),
+        cuda(pk),
+        cuda(pv),
+        cuda(pidx),
+        cuda(plen),
+        D**-0.5,
+        num_splits=splits,
+    )
     return (out, lse), paged_reference(q, kc, vc, bt, sl, pk, pv, pidx, plen)
 
 

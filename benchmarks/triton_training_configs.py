@@ -60,7 +60,7 @@ def time_prefixattn(batch, heads, seq, prefix, dim, dtype, device, overrides=Non
     _triton_config.OVERRIDES.update(overrides or {})
     try:
         q, k, v, pk, pv = make(batch, heads, seq, prefix, dim, dtype, device)
-        scale = dim ** -0.5
+        scale = dim**-0.5
         args = (None, None, None, None, True, scale)
         out, lse = triton_fwd.forward(q, k, v, pk, pv, *args)
         dout = torch.randn_like(out)
@@ -70,8 +70,9 @@ def time_prefixattn(batch, heads, seq, prefix, dim, dtype, device, overrides=Non
 
         def fwd_bwd():
             o, l = triton_fwd.forward(q, k, v, pk, pv, *args)
-            triton_bwd.backward(dout, None, q, k, v, pk, pv, None, None, None, None, o, l, True, scale,
-                                deterministic=deterministic)
+            triton_bwd.backward(
+                dout, None, q, k, v, pk, pv, None, None, None, None, o, l, True, scale, deterministic=deterministic
+            )
 
         t0 = time.perf_counter()
         fwd_bwd()  # compile
@@ -90,6 +91,7 @@ def time_cudnn(batch, heads, seq, dim, dtype, device):
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     dout = torch.randn(batch, heads, seq, dim, device=device, dtype=dtype)
     with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+
         def fwd():
             with torch.no_grad():
                 sdpa(q, k, v, is_causal=True)
@@ -118,19 +120,26 @@ def main(argv=None):
     B, H, S, D = 4, 32, 2048, 128
     rows = []
     floor_f, floor_fb = time_cudnn(B, H, S, D, dtype, device)
-    print(f"{torch.cuda.get_device_name()}: B={B} H={H} S={S} D={D} bf16 causal; "
-          f"cuDNN no prefix fwd {floor_f:.3f} ms, fwd+bwd {floor_fb:.3f} ms")
+    print(
+        f"{torch.cuda.get_device_name()}: B={B} H={H} S={S} D={D} bf16 causal; "
+        f"cuDNN no prefix fwd {floor_f:.3f} ms, fwd+bwd {floor_fb:.3f} ms"
+    )
     print(f"default configs: fwd {triton_fwd.configs_for(D, dtype)}; bwd {triton_bwd.configs_for(D, dtype)}")
-    print(f"{'P':>4} {'variant':<28} {'fwd ms':>7} {'TF/s':>5} {'target':>6} {'f+b ms':>7} {'TF/s':>5} "
-          f"{'target':>6} {'compile':>7}")
-    for P in ([128] if args.quick else [16, 128, 512]):
+    print(
+        f"{'P':>4} {'variant':<28} {'fwd ms':>7} {'TF/s':>5} {'target':>6} {'f+b ms':>7} {'TF/s':>5} "
+        f"{'target':>6} {'compile':>7}"
+    )
+    for P in [128] if args.quick else [16, 128, 512]:
         fl = flops(B, H, S, P, D)
         scale = 1 + 2 * P / S
         # deterministic=False: the fused-dQ backward (fp32 atomics), opt-in via prefix_attention(deterministic=False)
         variants = [("default", None, True), ("deterministic=False", None, False)]
         if not args.quick and P == 128:
-            variants += [(f"{name}={cfg}", {name: cfg}, name != "bwd_dkdv_fused")
-                         for name, cfgs in CANDIDATES.items() for cfg in cfgs]
+            variants += [
+                (f"{name}={cfg}", {name: cfg}, name != "bwd_dkdv_fused")
+                for name, cfgs in CANDIDATES.items()
+                for cfg in cfgs
+            ]
         for label, ovr, deterministic in variants:
             from prefixattn.kernels._triton_config import KernelConfig
 
@@ -140,19 +149,38 @@ def main(argv=None):
             except Exception as e:  # a candidate that does not fit (shared memory) is reported, not fatal
                 print(f"{P:>4} {label:<28} failed: {type(e).__name__}: {str(e)[:80]}")
                 continue
-            row = dict(P=P, variant=label, deterministic=deterministic, fwd_ms=t_f, fwd_bwd_ms=t_fb,
-                       fwd_tflops=fl / t_f / 1e9,
-                       fwd_bwd_tflops=3.5 * fl / t_fb / 1e9, target_fwd_ms=1.2 * floor_f * scale,
-                       target_fwd_bwd_ms=1.3 * floor_fb * scale, compile_s=comp)
+            row = dict(
+                P=P,
+                variant=label,
+                deterministic=deterministic,
+                fwd_ms=t_f,
+                fwd_bwd_ms=t_fb,
+                fwd_tflops=fl / t_f / 1e9,
+                fwd_bwd_tflops=3.5 * fl / t_fb / 1e9,
+                target_fwd_ms=1.2 * floor_f * scale,
+                target_fwd_bwd_ms=1.3 * floor_fb * scale,
+                compile_s=comp,
+            )
             rows.append(row)
-            print(f"{P:>4} {label:<28} {t_f:7.3f} {row['fwd_tflops']:5.0f} {row['target_fwd_ms']:6.3f} "
-                  f"{t_fb:7.3f} {row['fwd_bwd_tflops']:5.0f} {row['target_fwd_bwd_ms']:6.3f} {comp:6.1f}s",
-                  flush=True)
+            print(
+                f"{P:>4} {label:<28} {t_f:7.3f} {row['fwd_tflops']:5.0f} {row['target_fwd_ms']:6.3f} "
+                f"{t_fb:7.3f} {row['fwd_bwd_tflops']:5.0f} {row['target_fwd_bwd_ms']:6.3f} {comp:6.1f}s",
+                flush=True,
+            )
     print("TF/s: forward FLOPs / time; fwd+bwd counts 3.5 x forward FLOPs (backward = 2.5 x by convention)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                           cudnn_fwd_ms=floor_f, cudnn_fwd_bwd_ms=floor_fb, rows=rows), f, indent=1)
+            json.dump(
+                dict(
+                    device=torch.cuda.get_device_name(),
+                    torch=torch.__version__,
+                    cudnn_fwd_ms=floor_f,
+                    cudnn_fwd_bwd_ms=floor_fb,
+                    rows=rows,
+                ),
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

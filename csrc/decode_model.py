@@ -10,6 +10,7 @@ cols 2t, 2t+1). When the kernel's data layout changes, change this model the sam
 which compares the model with the float64 reference on small problems (contiguous and paged, prefixes,
 padding, splits, bad page ids). It checks the algebra, not the CUDA code: the GPU tests do that.
 """
+
 import math
 import os
 import sys
@@ -25,7 +26,9 @@ NEG = -np.inf
 
 def mma(c_lanes, a_lanes, b_lanes):
     """c_lanes[lane] = [4 floats]; a_lanes[lane] = 4 words (lo, hi); b_lanes[lane] = 2 words."""
-    A = np.zeros((16, 16)); B = np.zeros((16, 8)); C = np.zeros((16, 8))
+    A = np.zeros((16, 16))
+    B = np.zeros((16, 8))
+    C = np.zeros((16, 8))
     for lane in range(32):
         g, t = lane >> 2, lane & 3
         a = a_lanes[lane]
@@ -39,8 +42,15 @@ def mma(c_lanes, a_lanes, b_lanes):
         c = c_lanes[lane]
         C[g][2 * t], C[g][2 * t + 1], C[g + 8][2 * t], C[g + 8][2 * t + 1] = c
     Dm = A @ B + C
-    return [[Dm[l >> 2][2 * (l & 3)], Dm[l >> 2][2 * (l & 3) + 1], Dm[(l >> 2) + 8][2 * (l & 3)],
-             Dm[(l >> 2) + 8][2 * (l & 3) + 1]] for l in range(32)]
+    return [
+        [
+            Dm[l >> 2][2 * (l & 3)],
+            Dm[l >> 2][2 * (l & 3) + 1],
+            Dm[(l >> 2) + 8][2 * (l & 3)],
+            Dm[(l >> 2) + 8][2 * (l & 3) + 1],
+        ]
+        for l in range(32)
+    ]
 
 
 def chunk(vec8):  # 8 elements -> 4 words (lo, hi)
@@ -56,15 +66,24 @@ def rnd(x, dt):  # rounding of P to the mma input type
 
 
 def run_block(P, b, hkv, split, rg, dt):
-    D = P["D"]; KC = D // 32; KSTEPS = D // 16; VH = D // 64; NT = D // 8
-    G = P["Hq"] // P["Hkv"]; rows = G * P["Sq"]; Sq = P["Sq"]
+    D = P["D"]
+    KC = D // 32
+    KSTEPS = D // 16
+    VH = D // 64
+    NT = D // 8
+    G = P["Hq"] // P["Hkv"]
+    rows = G * P["Sq"]
+    Sq = P["Sq"]
     q = P["q"]
     # prefix
-    plen = 0; pk = pv = None
+    plen = 0
+    pk = pv = None
     if P["pk"] is not None:
-        entry = 0; has = True
+        entry = 0
+        has = True
         if P["pool"] > 0:
-            entry = int(P["pidx"][b]); has = 0 <= entry < P["pool"]
+            entry = int(P["pidx"][b])
+            has = 0 <= entry < P["pool"]
         if has:
             n = P["Pl"]
             if P["plens"] is not None:
@@ -86,23 +105,28 @@ def run_block(P, b, hkv, split, rg, dt):
     kbeg = first * 16
 
     def row(kk, V):
-        if kk >= total: return None
-        if kk < plen: return (pv if V else pk)[kk]
+        if kk >= total:
+            return None
+        if kk < plen:
+            return (pv if V else pk)[kk]
         pos = kk - plen
-        if not paged: return (P["v"] if V else P["k"])[b, hkv, pos]
+        if not paged:
+            return (P["v"] if V else P["k"])[b, hkv, pos]
         slot, tok = pos // P["ps"], pos % P["ps"]
         page = int(P["bt"][b, slot])
-        if page < 0 or page >= P["kc"].shape[0]: return None
+        if page < 0 or page >= P["kc"].shape[0]:
+            return None
         return (P["vc"] if V else P["kc"])[page, tok, hkv]
 
     def load16(r, off):
-        return chunk(np.zeros(8) if r is None else r[off:off + 8])
+        return chunk(np.zeros(8) if r is None else r[off : off + 8])
 
     kpm = P["kpm"][b] if (not paged and P["kpm"] is not None) else None
     res = []
     for warp in range(4):
         lanes = range(32)
-        qf = {}; limit = {}
+        qf = {}
+        limit = {}
         for lane in lanes:
             g, t = lane >> 2, lane & 3
             for r in range(2):
@@ -113,12 +137,14 @@ def run_block(P, b, hkv, split, rg, dt):
                 qrow = q[b, hkv * G + hh, qi] if ok else None
                 for i in range(KC):
                     qf[lane, r, i] = load16(qrow, (4 * i + t) * 8)
-                limit[lane, r] = (seqlen - Sq + qi) if (paged or P["causal"]) else 2 ** 31 - 1
+                limit[lane, r] = (seqlen - Sq + qi) if (paged or P["causal"]) else 2**31 - 1
         acc = {lane: [[0.0] * 4 for _ in range(NT)] for lane in lanes}
         m_run = {lane: [NEG, NEG] for lane in lanes}
         l_run = {lane: [0.0, 0.0] for lane in lanes}
 
-        def v_key(t, u): return 2 * t + (u & 1) + 8 * (u >> 1)
+        def v_key(t, u):
+            return 2 * t + (u & 1) + 8 * (u >> 1)
+
         def load_k(k0):
             kf = {}
             for lane in lanes:
@@ -128,6 +154,7 @@ def run_block(P, b, hkv, split, rg, dt):
                     for i in range(KC):
                         kf[lane, n2, i] = load16(r_, (4 * i + t) * 8)
             return kf
+
         def load_v(k0):
             vf = {}
             for lane in lanes:
@@ -137,10 +164,12 @@ def run_block(P, b, hkv, split, rg, dt):
                     for h in range(VH):
                         vf[lane, u, h] = load16(r_, 64 * h + 8 * g)
             return vf
+
         it = warp
         for it in range(warp, n_tiles, 4):
             k0 = kbeg + it * 16
-            kf = load_k(k0); vf = load_v(k0)
+            kf = load_k(k0)
+            vf = load_v(k0)
             s = {lane: [[0.0] * 4 for _ in range(2)] for lane in lanes}
             for n2 in range(2):
                 for j in range(KSTEPS):
@@ -148,19 +177,23 @@ def run_block(P, b, hkv, split, rg, dt):
                     a = [[qf[l, 0, i][w], qf[l, 1, i][w], qf[l, 0, i][w + 1], qf[l, 1, i][w + 1]] for l in lanes]
                     bb = [[kf[l, n2, i][w], kf[l, n2, i][w + 1]] for l in lanes]
                     out = mma([s[l][n2] for l in lanes], a, bb)
-                    for l in lanes: s[l][n2] = out[l]
+                    for l in lanes:
+                        s[l][n2] = out[l]
             mx = {}
-            pr = {}
             for lane in lanes:
                 g, t = lane >> 2, lane & 3
-                key_ok = []; key_pos = []
+                key_ok = []
+                key_pos = []
                 for u in range(4):
                     kk = k0 + v_key(t, u)
                     ok = kk < total
-                    if paged and ok and kk >= plen: ok = row(kk, True) is not None
+                    if paged and ok and kk >= plen:
+                        ok = row(kk, True) is not None
                     pos = kk - plen
-                    if kpm is not None and ok and pos >= 0: ok = bool(kpm[pos])
-                    key_ok.append(ok); key_pos.append(pos if pos >= 0 else -2 ** 31)
+                    if kpm is not None and ok and pos >= 0:
+                        ok = bool(kpm[pos])
+                    key_ok.append(ok)
+                    key_pos.append(pos if pos >= 0 else -(2**31))
                 mxl = [NEG, NEG]
                 for n2 in range(2):
                     for c in range(4):
@@ -173,10 +206,12 @@ def run_block(P, b, hkv, split, rg, dt):
             for r in range(2):
                 for sh in (1, 2):
                     new = {l: max(mx[l][r], mx[l ^ sh][r]) for l in lanes}
-                    for l in lanes: mx[l][r] = new[l]
+                    for l in lanes:
+                        mx[l][r] = new[l]
             pa = {}
             for lane in lanes:
-                alpha = [0, 0]; m_use = [0, 0]
+                alpha = [0, 0]
+                m_use = [0, 0]
                 for r in range(2):
                     m_new = max(m_run[lane][r], mx[lane][r])
                     m_use[r] = 0.0 if m_new == NEG else m_new
@@ -184,54 +219,83 @@ def run_block(P, b, hkv, split, rg, dt):
                     m_run[lane][r] = m_new
                 p_ = [[2.0 ** (s[lane][n2][c] - m_use[c >> 1]) for c in range(4)] for n2 in range(2)]
                 for r in range(2):
-                    l_run[lane][r] = l_run[lane][r] * alpha[r] + p_[0][2 * r] + p_[0][2 * r + 1] + p_[1][2 * r] + p_[1][2 * r + 1]
+                    l_run[lane][r] = (
+                        l_run[lane][r] * alpha[r] + p_[0][2 * r] + p_[0][2 * r + 1] + p_[1][2 * r] + p_[1][2 * r + 1]
+                    )
                 for n in range(NT):
-                    acc[lane][n] = [acc[lane][n][0] * alpha[0], acc[lane][n][1] * alpha[0], acc[lane][n][2] * alpha[1], acc[lane][n][3] * alpha[1]]
-                pa[lane] = [(rnd(p_[0][0], dt), rnd(p_[0][1], dt)), (rnd(p_[0][2], dt), rnd(p_[0][3], dt)),
-                            (rnd(p_[1][0], dt), rnd(p_[1][1], dt)), (rnd(p_[1][2], dt), rnd(p_[1][3], dt))]
+                    acc[lane][n] = [
+                        acc[lane][n][0] * alpha[0],
+                        acc[lane][n][1] * alpha[0],
+                        acc[lane][n][2] * alpha[1],
+                        acc[lane][n][3] * alpha[1],
+                    ]
+                pa[lane] = [
+                    (rnd(p_[0][0], dt), rnd(p_[0][1], dt)),
+                    (rnd(p_[0][2], dt), rnd(p_[0][3], dt)),
+                    (rnd(p_[1][0], dt), rnd(p_[1][1], dt)),
+                    (rnd(p_[1][2], dt), rnd(p_[1][3], dt)),
+                ]
             for h in range(VH):
                 for e in range(8):
                     sel = 0x7632 if e & 1 else 0x5410
-                    bb = [[byte_perm(vf[l, 0, h][e >> 1], vf[l, 1, h][e >> 1], sel),
-                           byte_perm(vf[l, 2, h][e >> 1], vf[l, 3, h][e >> 1], sel)] for l in lanes]
+                    bb = [
+                        [
+                            byte_perm(vf[l, 0, h][e >> 1], vf[l, 1, h][e >> 1], sel),
+                            byte_perm(vf[l, 2, h][e >> 1], vf[l, 3, h][e >> 1], sel),
+                        ]
+                        for l in lanes
+                    ]
                     out = mma([acc[l][8 * h + e] for l in lanes], [pa[l] for l in lanes], bb)
-                    for l in lanes: acc[l][8 * h + e] = out[l]
+                    for l in lanes:
+                        acc[l][8 * h + e] = out[l]
         # reduce l over t
         for r in range(2):
             for sh in (1, 2):
                 new = {l: l_run[l][r] + l_run[l ^ sh][r] for l in lanes}
-                for l in lanes: l_run[l][r] = new[l]
-        sm_o = np.zeros((16, D)); sm_m = np.zeros(16); sm_l = np.zeros(16)
+                for l in lanes:
+                    l_run[l][r] = new[l]
+        sm_o = np.zeros((16, D))
+        sm_m = np.zeros(16)
+        sm_l = np.zeros(16)
         for lane in lanes:
             g, t = lane >> 2, lane & 3
             if t == 0:
-                sm_m[g], sm_m[g + 8] = m_run[lane]; sm_l[g], sm_l[g + 8] = l_run[lane]
+                sm_m[g], sm_m[g + 8] = m_run[lane]
+                sm_l[g], sm_l[g + 8] = l_run[lane]
             for h in range(VH):
                 for e in range(8):
                     d = 64 * h + 16 * t + e
-                    sm_o[g][d] = acc[lane][8 * h + e][0]; sm_o[g][d + 8] = acc[lane][8 * h + e][1]
-                    sm_o[g + 8][d] = acc[lane][8 * h + e][2]; sm_o[g + 8][d + 8] = acc[lane][8 * h + e][3]
+                    sm_o[g][d] = acc[lane][8 * h + e][0]
+                    sm_o[g][d + 8] = acc[lane][8 * h + e][1]
+                    sm_o[g + 8][d] = acc[lane][8 * h + e][2]
+                    sm_o[g + 8][d + 8] = acc[lane][8 * h + e][3]
         res.append((sm_o, sm_m, sm_l))
     outs = {}
     for r in range(16):
         rw = rg * 16 + r
-        if rw >= rows: continue
+        if rw >= rows:
+            continue
         m = max(res[w][1][r] for w in range(4))
         m_use = 0.0 if m == NEG else m
-        l = 0.0; o = np.zeros(D)
+        l = 0.0
+        o = np.zeros(D)
         for w in range(4):
             wt = 2.0 ** (res[w][1][r] - m_use)
-            l += wt * res[w][2][r]; o += wt * res[w][0][r]
+            l += wt * res[w][2][r]
+            o += wt * res[w][0][r]
         empty = not (l > 0)
         o = o * (0 if empty else 1 / l)
         lse2 = NEG if empty else m + math.log2(l)
-        hh = rw // Sq; qi = rw - hh * Sq
+        hh = rw // Sq
+        qi = rw - hh * Sq
         outs[(b, hkv * G + hh, qi)] = (o, lse2)
     return outs
 
 
 def emulate(P, dt):
-    G = P["Hq"] // P["Hkv"]; rows = G * P["Sq"]; rgs = (rows + 15) // 16
+    G = P["Hq"] // P["Hkv"]
+    rows = G * P["Sq"]
+    rgs = (rows + 15) // 16
     parts = {}
     for b in range(P["B"]):
         for hkv in range(P["Hkv"]):
@@ -239,39 +303,83 @@ def emulate(P, dt):
                 for rg in range(rgs):
                     for key, val in run_block(P, b, hkv, split, rg, dt).items():
                         parts.setdefault(key, []).append(val)
-    out = np.zeros((P["B"], P["Hq"], P["Sq"], P["D"])); lse = np.zeros((P["B"], P["Hq"], P["Sq"]))
+    out = np.zeros((P["B"], P["Hq"], P["Sq"], P["D"]))
+    lse = np.zeros((P["B"], P["Hq"], P["Sq"]))
     for (b, h, qi), lst in parts.items():
         if len(lst) == 1:
             o, l2 = lst[0]
         else:  # merge kernel
-            m = max(l2 for _, l2 in lst); m_use = 0 if m == NEG else m
-            l = 0.0; o = np.zeros(P["D"])
+            m = max(l2 for _, l2 in lst)
+            m_use = 0 if m == NEG else m
+            l = 0.0
+            o = np.zeros(P["D"])
             for os_, l2 in lst:
                 wt = 2.0 ** (l2 - m_use)
-                if wt > 0: o += wt * os_; l += wt
-            o = o * (0 if not l > 0 else 1 / l); l2 = NEG if not l > 0 else m + math.log2(l)
-        out[b, h, qi] = o; lse[b, h, qi] = l2 * math.log(2) if l2 != NEG else NEG
+                if wt > 0:
+                    o += wt * os_
+                    l += wt
+            o = o * (0 if not l > 0 else 1 / l)
+            l2 = NEG if not l > 0 else m + math.log2(l)
+        out[b, h, qi] = o
+        lse[b, h, qi] = l2 * math.log(2) if l2 != NEG else NEG
     return out, lse
 
 
-def check(B=2, Hq=4, Hkv=2, Sq=1, Sk=37, D=64, Pl=5, pool=0, causal=True, kpm=False, ns=1, paged=False,
-          ps=8, lengths=False, dt=torch.bfloat16, seed=0, bad_page=False):
+def check(
+    B=2,
+    Hq=4,
+    Hkv=2,
+    Sq=1,
+    Sk=37,
+    D=64,
+    Pl=5,
+    pool=0,
+    causal=True,
+    kpm=False,
+    ns=1,
+    paged=False,
+    ps=8,
+    lengths=False,
+    dt=torch.bfloat16,
+    seed=0,
+    bad_page=False,
+):
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dt).double()
     q = r(B, Hq, Sq, D)
-    P = dict(B=B, Hq=Hq, Hkv=Hkv, Sq=Sq, D=D, causal=causal, ns=ns, paged=paged, scale=D ** -0.5, q=q.numpy(),
-             pk=None, pv=None, pool=pool, pidx=None, plens=None, Pl=Pl, kpm=None)
+    P = dict(
+        B=B,
+        Hq=Hq,
+        Hkv=Hkv,
+        Sq=Sq,
+        D=D,
+        causal=causal,
+        ns=ns,
+        paged=paged,
+        scale=D**-0.5,
+        q=q.numpy(),
+        pk=None,
+        pv=None,
+        pool=pool,
+        pidx=None,
+        plens=None,
+        Pl=Pl,
+        kpm=None,
+    )
     args = {}
     if Pl:
         shape = (pool, Hkv, Pl, D) if pool else (Hkv, Pl, D)
         pk, pv = r(*shape), r(*shape)
         P["pk"], P["pv"] = pk.numpy(), pv.numpy()
         if pool:
-            idx = torch.randint(-1, pool, (B,), generator=g); idx[0] = 0
-            P["pidx"] = idx.numpy(); args["prefix_index"] = idx
+            idx = torch.randint(-1, pool, (B,), generator=g)
+            idx[0] = 0
+            P["pidx"] = idx.numpy()
+            args["prefix_index"] = idx
         if lengths:
             pl = torch.randint(0, Pl + 1, (pool or 1,), generator=g)
-            P["plens"] = pl.numpy(); args["prefix_lengths"] = pl
+            P["plens"] = pl.numpy()
+            args["prefix_lengths"] = pl
     else:
         pk = pv = None
     if paged:
@@ -285,29 +393,43 @@ def check(B=2, Hq=4, Hkv=2, Sq=1, Sk=37, D=64, Pl=5, pool=0, causal=True, kpm=Fa
         P.update(kc=kc.numpy(), vc=vc.numpy(), bt=perm.numpy(), sl=sl.numpy(), ps=ps)
         # reference: gather contiguous per sequence with padding mask (left-aligned)
         L = int(sl.max())
-        k = torch.zeros(B, Hkv, L, D, dtype=torch.float64); v = torch.zeros_like(k)
+        k = torch.zeros(B, Hkv, L, D, dtype=torch.float64)
+        v = torch.zeros_like(k)
         mask = torch.zeros(B, L, dtype=torch.bool)
         for b in range(B):
             for pos in range(int(sl[b])):
-                page = int(perm[b, pos // ps]); tok = pos % ps
+                page = int(perm[b, pos // ps])
+                tok = pos % ps
                 if 0 <= page < num_pages:
-                    k[b, :, pos] = kc[page, tok]; v[b, :, pos] = vc[page, tok]
+                    k[b, :, pos] = kc[page, tok]
+                    v[b, :, pos] = vc[page, tok]
                     mask[b, pos] = True
         # causal per sequence: query i sees pos <= sl-Sq+i ; reference has bottom-right over L: emulate with mask
-        ref_o = torch.zeros(B, Hq, Sq, D, dtype=torch.float64); ref_l = torch.zeros(B, Hq, Sq, dtype=torch.float64)
+        ref_o = torch.zeros(B, Hq, Sq, D, dtype=torch.float64)
+        ref_l = torch.zeros(B, Hq, Sq, dtype=torch.float64)
         for b in range(B):
             n = int(sl[b])
-            kk, vv = k[b:b + 1, :, :n], v[b:b + 1, :, :n]
-            extra = {kk2: (vv2[b:b + 1] if kk2 == "prefix_index" else vv2) for kk2, vv2 in args.items()}
-            o, l = prefix_attention_reference(q[b:b + 1], kk, vv, pk, pv, causal=True, key_padding_mask=mask[b:b + 1, :n],
-                                              return_lse=True, **extra)
+            kk, vv = k[b : b + 1, :, :n], v[b : b + 1, :, :n]
+            extra = {kk2: (vv2[b : b + 1] if kk2 == "prefix_index" else vv2) for kk2, vv2 in args.items()}
+            o, l = prefix_attention_reference(
+                q[b : b + 1],
+                kk,
+                vv,
+                pk,
+                pv,
+                causal=True,
+                key_padding_mask=mask[b : b + 1, :n],
+                return_lse=True,
+                **extra,
+            )
             ref_o[b], ref_l[b] = o[0], l[0]
     else:
         k, v = r(B, Hkv, Sk, D), r(B, Hkv, Sk, D)
         P["k"], P["v"] = k.numpy(), v.numpy()
         if kpm:
             m = torch.rand(B, Sk, generator=g) > 0.3
-            P["kpm"] = m.numpy(); args["key_padding_mask"] = m
+            P["kpm"] = m.numpy()
+            args["key_padding_mask"] = m
         ref_o, ref_l = prefix_attention_reference(q, k, v, pk, pv, causal=causal, return_lse=True, **args)
     out, lse = emulate(P, dt)
     err = np.linalg.norm(out - ref_o.numpy()) / max(np.linalg.norm(ref_o.numpy()), 1e-30)
@@ -315,8 +437,10 @@ def check(B=2, Hq=4, Hkv=2, Sq=1, Sk=37, D=64, Pl=5, pool=0, causal=True, kpm=Fa
     inf_match = np.array_equal(np.isinf(rl), np.isinf(el))
     fin = ~np.isinf(rl)
     lerr = (np.abs(rl[fin] - el[fin]).max() if fin.any() else 0.0) if inf_match else float("inf")
-    print(f"B={B} Hq={Hq} Hkv={Hkv} Sq={Sq} Sk={Sk} D={D} P={Pl} pool={pool} causal={causal} kpm={kpm} ns={ns} "
-          f"paged={paged} lengths={lengths} -> out rel {err:.2e}, lse max abs {lerr:.2e}")
+    print(
+        f"B={B} Hq={Hq} Hkv={Hkv} Sq={Sq} Sk={Sk} D={D} P={Pl} pool={pool} causal={causal} kpm={kpm} ns={ns} "
+        f"paged={paged} lengths={lengths} -> out rel {err:.2e}, lse max abs {lerr:.2e}"
+    )
     assert err < 1e-2 and lerr < 1e-2, "MISMATCH"
 
 
@@ -334,16 +458,46 @@ if __name__ == "__main__":
     check(dt=torch.float16, Sk=70, Pl=9, ns=1)
 
 
-def from_tensors(q, k=None, v=None, pk=None, pv=None, pidx=None, plen=None, kpm=None, causal=True, scale=None,
-                 splits=1, kc=None, vc=None, bt=None, sl=None):
+def from_tensors(
+    q,
+    k=None,
+    v=None,
+    pk=None,
+    pv=None,
+    pidx=None,
+    plen=None,
+    kpm=None,
+    causal=True,
+    scale=None,
+    splits=1,
+    kc=None,
+    vc=None,
+    bt=None,
+    sl=None,
+):
     B, Hq, Sq, D = q.shape
     paged = kc is not None
     Hkv = kc.shape[2] if paged else k.shape[1]
     f = lambda t: t.double().cpu().numpy() if t is not None else None
-    P = dict(B=B, Hq=Hq, Hkv=Hkv, Sq=Sq, D=D, causal=causal, ns=splits, paged=paged, scale=scale, q=f(q),
-             pk=f(pk) if pk is not None and pk.shape[-2] > 0 else None, pv=f(pv), pool=(pk.shape[0] if pk is not None and pk.dim() == 4 else 0),
-             pidx=pidx.cpu().numpy() if pidx is not None else None, plens=plen.cpu().numpy() if plen is not None else None,
-             Pl=pk.shape[-2] if pk is not None else 0, kpm=kpm.cpu().numpy() if kpm is not None else None)
+    P = dict(
+        B=B,
+        Hq=Hq,
+        Hkv=Hkv,
+        Sq=Sq,
+        D=D,
+        causal=causal,
+        ns=splits,
+        paged=paged,
+        scale=scale,
+        q=f(q),
+        pk=f(pk) if pk is not None and pk.shape[-2] > 0 else None,
+        pv=f(pv),
+        pool=(pk.shape[0] if pk is not None and pk.dim() == 4 else 0),
+        pidx=pidx.cpu().numpy() if pidx is not None else None,
+        plens=plen.cpu().numpy() if plen is not None else None,
+        Pl=pk.shape[-2] if pk is not None else 0,
+        kpm=kpm.cpu().numpy() if kpm is not None else None,
+    )
     if paged:
         P.update(kc=f(kc), vc=f(vc), bt=bt.cpu().numpy(), sl=sl.cpu().numpy(), ps=kc.shape[1])
     else:

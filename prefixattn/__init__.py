@@ -8,9 +8,18 @@ from .tuning import PrefixTuningConfig
 
 __version__ = "0.1.0"
 
-__all__ = ["prefix_attention", "prefix_attention_paged", "prefix_attention_reference", "PrefixAttention",
-           "PrefixTuningConfig", "init", "load_peft_prefix", "save_peft_prefix", "load_adapters_prefix",
-           "__version__"]
+__all__ = [
+    "prefix_attention",
+    "prefix_attention_paged",
+    "prefix_attention_reference",
+    "PrefixAttention",
+    "PrefixTuningConfig",
+    "init",
+    "load_peft_prefix",
+    "save_peft_prefix",
+    "load_adapters_prefix",
+    "__version__",
+]
 
 # These live in prefixattn.hf, which imports transformers: load it on first use only.
 _HF_EXPORTS = ("init", "load_peft_prefix", "save_peft_prefix", "load_adapters_prefix")

@@ -118,8 +118,11 @@ def main(argv=None) -> int:
     cases = CASES if args.cases == "all" else [c for c in CASES if c.name in args.cases.split(",")]
     # The interpreter's bf16 dot is broken (Triton 3.6/3.9), so bf16 is only checked on a GPU.
     dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if device.type == "cuda" else [])
-    where = torch.cuda.get_device_name() if device.type == "cuda" else "CPU" + (
-        " (Triton interpreter)" if kernels.triton_interpreting() else "")
+    where = (
+        torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else "CPU" + (" (Triton interpreter)" if kernels.triton_interpreting() else "")
+    )
     print(f"prefixattn check on {where}; backends: {', '.join(backends)}", flush=True)
     header = f"{'case':<12} {'backend':<7} {'dtype':<9} {'out':>9} {'lse':>9} {'grads':>9} {'time':>7}  result"
     print(header)
@@ -128,7 +131,9 @@ def main(argv=None) -> int:
     failures = 0
     for c in cases:
         tensors, kw = _inputs(c, device, gen)
-        grad_out = torch.randn(c.batch, c.heads_q, c.seqlen_q, c.head_dim, generator=gen, dtype=torch.float64).to(device)
+        grad_out = torch.randn(c.batch, c.heads_q, c.seqlen_q, c.head_dim, generator=gen, dtype=torch.float64).to(
+            device
+        )
         ref_out, ref_lse, ref_grads = _run(prefix_attention_reference, tensors, kw, torch.float64, grad_out, True)
         for backend in backends:
             for dtype in dtypes if backend != "torch" else [torch.float32]:
@@ -136,8 +141,12 @@ def main(argv=None) -> int:
                 t0 = time.perf_counter()
                 try:
                     # sdpa's vendor backward is not deterministic: it trains only with deterministic=False
-                    fn = lambda *a, **k: prefix_attention(*a, backend=backend,  # noqa: E731
-                                                          deterministic=backend != "sdpa", **k)
+                    fn = lambda *a, **k: prefix_attention(
+                        *a,
+                        backend=backend,  # noqa: E731
+                        deterministic=backend != "sdpa",
+                        **k,
+                    )
                     out, lse, grads = _run(fn, tensors, kw, dtype, grad_out, with_grad)
                 except ValueError as e:  # a backend that cannot run this shape says why
                     print(f"{c.name:<12} {backend:<7} {str(dtype)[6:]:<9} {'':>9} {'':>9} {'':>9} {'':>7}  skip: {e}")
@@ -149,10 +158,15 @@ def main(argv=None) -> int:
                 ok = all(e <= TOL[dtype] for e in errs)
                 failures += not ok
                 grad_s = f"{e_grad:9.1e}" if with_grad else f"{'-':>9}"
-                print(f"{c.name:<12} {backend:<7} {str(dtype)[6:]:<9} {e_out:9.1e} {e_lse:9.1e} {grad_s} "
-                      f"{dt:6.2f}s  {'ok' if ok else 'FAIL'}", flush=True)
-    print(f"\nrelative errors against the float64 reference; tolerances fp32 {TOL[torch.float32]}, "
-          f"fp16 {TOL[torch.float16]}, bf16 {TOL[torch.bfloat16]}")
+                print(
+                    f"{c.name:<12} {backend:<7} {str(dtype)[6:]:<9} {e_out:9.1e} {e_lse:9.1e} {grad_s} "
+                    f"{dt:6.2f}s  {'ok' if ok else 'FAIL'}",
+                    flush=True,
+                )
+    print(
+        f"\nrelative errors against the float64 reference; tolerances fp32 {TOL[torch.float32]}, "
+        f"fp16 {TOL[torch.float16]}, bf16 {TOL[torch.bfloat16]}"
+    )
     print("all checks passed" if not failures else f"{failures} check(s) FAILED")
     return 1 if failures else 0
 

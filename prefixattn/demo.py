@@ -24,9 +24,11 @@ import torch
 
 TARGET = "quick brown"  # every character has a unique successor: learnable as a lookup through the prefix
 SEP = "="
-WORDS = ("apple river stone cloud green seven paper light music table horse winter ocean garden silver "
-         "mountain yellow window forest candle summer purple orange rabbit bottle pencil butter castle "
-         "dragon island kitten ladder magnet needle pillow rocket saddle tiger violin wagon zebra").split()
+WORDS = (
+    "apple river stone cloud green seven paper light music table horse winter ocean garden silver "
+    "mountain yellow window forest candle summer purple orange rabbit bottle pencil butter castle "
+    "dragon island kitten ladder magnet needle pillow rocket saddle tiger violin wagon zebra"
+).split()
 HELD_OUT = ("banana", "sunset", "coffee river", "tiny dragon", "blue")  # prompts never seen in training
 CHARS = "abcdefghijklmnopqrstuvwxyz =.,!?'"
 
@@ -74,9 +76,19 @@ class TokenizerCodec:
 def small_config(vocab_size: int):
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0,
-                       bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
 
 
 def build_model(args, device, dtype):
@@ -88,13 +100,16 @@ def build_model(args, device, dtype):
         torch.manual_seed(args.seed)
         model = LlamaForCausalLM(small_config(codec.vocab_size))
         c = model.config
-        desc = (f"Llama-shaped, random weights: {c.num_hidden_layers} layers, hidden {c.hidden_size}, "
-                f"{c.num_attention_heads} query / {c.num_key_value_heads} KV heads, vocab {c.vocab_size} (characters)")
+        desc = (
+            f"Llama-shaped, random weights: {c.num_hidden_layers} layers, hidden {c.hidden_size}, "
+            f"{c.num_attention_heads} query / {c.num_key_value_heads} KV heads, vocab {c.vocab_size} (characters)"
+        )
     else:
         path = args.model
         if not os.path.isdir(path):
-            raise DemoError(f"--model: {path!r} is not a directory (a local transformers checkpoint; nothing is "
-                            f"downloaded)")
+            raise DemoError(
+                f"--model: {path!r} is not a directory (a local transformers checkpoint; nothing is downloaded)"
+            )
         if not os.path.exists(os.path.join(path, "config.json")):
             raise DemoError(f"--model: {path!r} has no config.json; expected a transformers checkpoint directory")
         try:
@@ -113,8 +128,10 @@ def build_model(args, device, dtype):
 
 
 def _codec_for(path, model):
-    has_tokenizer = any(os.path.exists(os.path.join(path, f)) for f in
-                        ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model"))
+    has_tokenizer = any(
+        os.path.exists(os.path.join(path, f))
+        for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+    )
     if has_tokenizer:
         from transformers import AutoTokenizer
 
@@ -124,8 +141,10 @@ def _codec_for(path, model):
             raise DemoError(f"--model: cannot load the tokenizer in {path!r}: {type(e).__name__}: {e}") from None
     codec = CharCodec()
     if model.config.vocab_size < codec.vocab_size:
-        raise DemoError(f"--model: {path!r} has no tokenizer and a vocabulary of {model.config.vocab_size} ids; the "
-                        f"built-in character vocabulary needs {codec.vocab_size}")
+        raise DemoError(
+            f"--model: {path!r} has no tokenizer and a vocabulary of {model.config.vocab_size} ids; the "
+            f"built-in character vocabulary needs {codec.vocab_size}"
+        )
     return codec
 
 
@@ -169,9 +188,9 @@ def training_batch(codec, prompts, device):
     labels = torch.full_like(ids, -100)
     for i, (a, b) in enumerate(rows):
         seq = a + b
-        ids[i, width - len(seq):] = torch.tensor(seq)
-        mask[i, width - len(seq):] = 1
-        labels[i, width - len(b):] = torch.tensor(b)
+        ids[i, width - len(seq) :] = torch.tensor(seq)
+        mask[i, width - len(seq) :] = 1
+        labels[i, width - len(b) :] = torch.tensor(b)
     return ids.to(device), mask.to(device), labels.to(device)
 
 
@@ -181,8 +200,8 @@ def prompt_batch(codec, prompts, device):
     ids = torch.full((len(rows), width), codec.pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r)
-        mask[i, width - len(r):] = 1
+        ids[i, width - len(r) :] = torch.tensor(r)
+        mask[i, width - len(r) :] = 1
     return ids.to(device), mask.to(device)
 
 
@@ -199,9 +218,8 @@ def target_accuracy(model, batch) -> float:
 @torch.no_grad()
 def generate(model, codec, prompts, device) -> list[str]:
     ids, mask = prompt_batch(codec, prompts, device)
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=len(_target_ids(codec)),
-                         do_sample=False)
-    return [codec.decode(row[ids.shape[1]:].tolist()).strip() for row in out]
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=len(_target_ids(codec)), do_sample=False)
+    return [codec.decode(row[ids.shape[1] :].tolist()).strip() for row in out]
 
 
 # -- training ---------------------------------------------------------------------------------------------------
@@ -219,8 +237,9 @@ class ProgressBar:
             return
         filled = self.width * step // self.total
         elapsed = time.perf_counter() - self.start
-        line = (f"  train [{'#' * filled}{'.' * (self.width - filled)}] {step}/{self.total} loss {loss:.3f} "
-                f"{elapsed:.0f}s")
+        line = (
+            f"  train [{'#' * filled}{'.' * (self.width - filled)}] {step}/{self.total} loss {loss:.3f} {elapsed:.0f}s"
+        )
         sys.stderr.write(("\r" if self.tty else "") + line + ("" if self.tty else "\n"))
         sys.stderr.flush()
 
@@ -275,17 +294,22 @@ def kv_report(model, codec, prompts, prefix_len: int, batch: int, dtype, device)
     cache = out["cache"] if "cache" in out else out["past_key_values"]  # transformers >= 5.24 / 5.17
     b, s = ids.shape
     concat, shared = kv_bytes(hkv, d, prefix_len, b, elt)
-    lines = [f"  measured: after {b} prompts of {s} tokens the cache holds {cache.get_seq_length()} tokens per "
-             f"sequence, {_size(_cache_bytes(cache))}; the prefix is not in it (one shared buffer, "
-             f"{_size(shared * layers)} for all sequences)",
-             f"  a concatenating cache (as PEFT's) would add {_size(concat * layers)} for these {b} sequences "
-             f"(calculated)"]
+    lines = [
+        f"  measured: after {b} prompts of {s} tokens the cache holds {cache.get_seq_length()} tokens per "
+        f"sequence, {_size(_cache_bytes(cache))}; the prefix is not in it (one shared buffer, "
+        f"{_size(shared * layers)} for all sequences)",
+        f"  a concatenating cache (as PEFT's) would add {_size(concat * layers)} for these {b} sequences (calculated)",
+    ]
     concat, shared = kv_bytes(hkv, d, prefix_len, batch, elt)
-    lines.append(f"  calculated for B={batch}: {_size(concat - shared)} saved per layer, "
-                 f"{_size((concat - shared) * layers)} over {layers} layers")
+    lines.append(
+        f"  calculated for B={batch}: {_size(concat - shared)} saved per layer, "
+        f"{_size((concat - shared) * layers)} over {layers} layers"
+    )
     big = [(p, kv_bytes(8, 64, p, 64, 2)) for p in (prefix_len, 64)]  # Llama-3.2-1B: 16 layers, 8 KV x 64, bf16
-    lines.append("  calculated for Llama-3.2-1B shapes (16 layers, 8 KV heads x 64, bf16), B=64: "
-                 + ", ".join(f"P={p}: {_size((c - sh) * 16)} saved" for p, (c, sh) in big))
+    lines.append(
+        "  calculated for Llama-3.2-1B shapes (16 layers, 8 KV heads x 64, bf16), B=64: "
+        + ", ".join(f"P={p}: {_size((c - sh) * 16)} saved" for p, (c, sh) in big)
+    )
     return lines
 
 
@@ -302,13 +326,22 @@ def refusals(model, name: str, saved_dir: str, seed: int) -> list[str]:
     names, active = store.names(), list(store.active)
     lines = []
     cfg = model.config
-    other_cfg = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+    other_cfg = LlamaConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(seed)
     other = prefixattn.init(LlamaForCausalLM(other_cfg))
     attempts = [
-        ("a config that does not fit (leave_out=[99])",
-         lambda: model.add_adapter("x", config=PrefixTuningConfig(prefix_length=4, leave_out=[99]))),
+        (
+            "a config that does not fit (leave_out=[99])",
+            lambda: model.add_adapter("x", config=PrefixTuningConfig(prefix_length=4, leave_out=[99])),
+        ),
         ("an unknown adapter name", lambda: model.set_active_adapters("nope")),
         ("a checkpoint made for another model", lambda: other.load_adapter(saved_dir)),
     ]
@@ -319,8 +352,12 @@ def refusals(model, name: str, saved_dir: str, seed: int) -> list[str]:
         except (ValueError, TypeError, FileNotFoundError) as e:
             lines.append(f"  {what}: {type(e).__name__}: {e}")
     after = model.state_dict()
-    unchanged = (store.names() == names and store.active == active and after.keys() == before.keys()
-                 and all(torch.equal(after[k], before[k]) for k in before))
+    unchanged = (
+        store.names() == names
+        and store.active == active
+        and after.keys() == before.keys()
+        and all(torch.equal(after[k], before[k]) for k in before)
+    )
     lines.append(f"  model unchanged after all three: {unchanged}")
     return lines
 
@@ -330,16 +367,23 @@ def parse_args(argv):
     from .validation import BACKENDS
 
     p = argparse.ArgumentParser(prog="prefixattn demo", description=__doc__.split("\n\n")[0], epilog=USAGE_EPILOG)
-    p.add_argument("--model", default=None, help="a local transformers checkpoint directory (default: a small "
-                                                 "random Llama built from a config)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="a local transformers checkpoint directory (default: a small random Llama built from a config)",
+    )
     p.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
     p.add_argument("--prefix-length", type=int, default=8, help="prefix tokens per layer (default 8)")
     p.add_argument("--batch", type=int, default=32, help="training batch (default 32)")
     p.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate (default 1e-2)")
     p.add_argument("--seed", type=int, default=0)
     # "sdpa" is left out: it takes no padding, and the demo's prompts are padded batches.
-    p.add_argument("--backend", default="auto", choices=[b for b in BACKENDS if b != "sdpa"],
-                   help="attention backend (default auto: kernels on a GPU, the reference on a CPU)")
+    p.add_argument(
+        "--backend",
+        default="auto",
+        choices=[b for b in BACKENDS if b != "sdpa"],
+        help="attention backend (default auto: kernels on a GPU, the reference on a CPU)",
+    )
     p.add_argument("--out", default=None, help="where to save the adapter (default: a temporary directory)")
     args = p.parse_args(argv)
     for name in ("steps", "prefix_length", "batch"):
@@ -359,8 +403,10 @@ def run(args) -> int:
     if device.type == "cpu" and args.backend == "cuda":
         raise DemoError("--backend cuda: no CUDA device here")
     if device.type == "cpu" and args.backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise DemoError("--backend triton: no CUDA device here; set TRITON_INTERPRET=1 to run Triton's interpreter "
-                        "on the CPU (slow)")
+        raise DemoError(
+            "--backend triton: no CUDA device here; set TRITON_INTERPRET=1 to run Triton's interpreter "
+            "on the CPU (slow)"
+        )
     base, codec, desc = build_model(args, device, dtype)
     print(f"prefixattn demo: prefix-tune a frozen model to answer '{TARGET}' after any prompt")
     print(f"model: {desc}; device {device}, {dtype}, backend {args.backend!r}")
@@ -375,8 +421,10 @@ def run(args) -> int:
     model.add_adapter(name, config=config)
     n_train = sum(p.numel() for p in prefixattn.hf.get_store(model).get(name).parameters())
     n_base = sum(p.numel() for p in base.parameters())
-    print(f"adapter {name!r}: P={args.prefix_length}, MLP reparametrisation, {n_train:,} trainable parameters "
-          f"(the model's {n_base:,} stay frozen)")
+    print(
+        f"adapter {name!r}: P={args.prefix_length}, MLP reparametrisation, {n_train:,} trainable parameters "
+        f"(the model's {n_base:,} stay frozen)"
+    )
 
     rng = random.Random(args.seed + 1)
     eval_batch = training_batch(codec, random_prompts(rng, 64), device)
@@ -385,8 +433,10 @@ def run(args) -> int:
     seconds = train(model, codec, args, device)
     model.eval()
     after = target_accuracy(model, eval_batch)
-    print(f"trained {args.steps} steps in {seconds:.1f}s; next-character accuracy on '{TARGET}': "
-          f"{before:.0%} without the prefix -> {after:.0%} with it")
+    print(
+        f"trained {args.steps} steps in {seconds:.1f}s; next-character accuracy on '{TARGET}': "
+        f"{before:.0%} without the prefix -> {after:.0%} with it"
+    )
 
     out_dir = args.out or tempfile.mkdtemp(prefix="prefixattn_demo_")
     mlp_dir, flat_dir = os.path.join(out_dir, "mlp"), os.path.join(out_dir, "ejected")
@@ -397,9 +447,11 @@ def run(args) -> int:
     with torch.no_grad():
         ejected = model(input_ids=eval_batch[0], attention_mask=eval_batch[1]).logits
     model.save_adapter(flat_dir, name)
-    print(f"eject: the MLP runs once and is dropped (max logit change {(ejected - ref).abs().max().item():.1e}); "
-          f"checkpoint {checkpoint_bytes(mlp_dir):,} bytes before, {checkpoint_bytes(flat_dir):,} after "
-          f"({flat_dir})")
+    print(
+        f"eject: the MLP runs once and is dropped (max logit change {(ejected - ref).abs().max().item():.1e}); "
+        f"checkpoint {checkpoint_bytes(mlp_dir):,} bytes before, {checkpoint_bytes(flat_dir):,} after "
+        f"({flat_dir})"
+    )
 
     fresh = prefixattn.init(copy.deepcopy(base), backend=args.backend)
     fresh.load_adapter(flat_dir, set_active=True)

@@ -12,8 +12,6 @@ to the query dtype at each call (a tiny, differentiable copy).
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor, nn
 
@@ -32,9 +30,20 @@ class PrefixAttention(nn.Module):
     init_std: the owned prefix is initialised N(0, init_std^2).
     """
 
-    def __init__(self, num_kv_heads: int, head_dim: int, prefix_length: int = 0, *, causal: bool = True,
-                 softmax_scale: Optional[float] = None, backend: str = "auto", init_std: float = 1.0,
-                 dtype: torch.dtype = torch.float32, device=None, deterministic: bool = True):
+    def __init__(
+        self,
+        num_kv_heads: int,
+        head_dim: int,
+        prefix_length: int = 0,
+        *,
+        causal: bool = True,
+        softmax_scale: float | None = None,
+        backend: str = "auto",
+        init_std: float = 1.0,
+        dtype: torch.dtype = torch.float32,
+        device=None,
+        deterministic: bool = True,
+    ):
         super().__init__()
         for name, value in (("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -54,13 +63,25 @@ class PrefixAttention(nn.Module):
             self.register_parameter("prefix_v", None)
 
     def extra_repr(self) -> str:
-        return (f"num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, prefix_length={self.prefix_length}, "
-                f"causal={self.causal}, backend={self.backend!r}")
+        return (
+            f"num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, prefix_length={self.prefix_length}, "
+            f"causal={self.causal}, backend={self.backend!r}"
+        )
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, *, prefix: Optional[tuple] = None,
-                prefix_index: Optional[Tensor] = None, prefix_lengths: Optional[Tensor] = None,
-                key_padding_mask: Optional[Tensor] = None, attn_bias: Optional[Tensor] = None,
-                causal: Optional[bool] = None, dropout_p: float = 0.0) -> Tensor:
+    def forward(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        prefix: tuple | None = None,
+        prefix_index: Tensor | None = None,
+        prefix_lengths: Tensor | None = None,
+        key_padding_mask: Tensor | None = None,
+        attn_bias: Tensor | None = None,
+        causal: bool | None = None,
+        dropout_p: float = 0.0,
+    ) -> Tensor:
         """q [B, Hq, Sq, D], k/v [B, Hkv, Sk, D] -> [B, Hq, Sq, D].
 
         prefix: (prefix_k, prefix_v) to use instead of the owned one: [Hkv, P, D] shared, or a pool
@@ -73,13 +94,25 @@ class PrefixAttention(nn.Module):
         else:
             pk, pv = self.prefix_k, self.prefix_v
             if prefix_index is not None and pk is not None:
-                raise ValueError("prefix_index: only valid with a pool passed as prefix=(pool_k, pool_v); this "
-                                 "module's own prefix is shared by the batch")
+                raise ValueError(
+                    "prefix_index: only valid with a pool passed as prefix=(pool_k, pool_v); this "
+                    "module's own prefix is shared by the batch"
+                )
         if pk is not None:
             pk, pv = pk.to(q.dtype), pv.to(q.dtype)
         return prefix_attention(
-            q, k, v, pk, pv, prefix_index=prefix_index, prefix_lengths=prefix_lengths,
-            causal=self.causal if causal is None else causal, key_padding_mask=key_padding_mask,
-            softmax_scale=self.softmax_scale, backend=self.backend, attn_bias=attn_bias,
-            dropout_p=dropout_p if self.training else 0.0, deterministic=self.deterministic,
+            q,
+            k,
+            v,
+            pk,
+            pv,
+            prefix_index=prefix_index,
+            prefix_lengths=prefix_lengths,
+            causal=self.causal if causal is None else causal,
+            key_padding_mask=key_padding_mask,
+            softmax_scale=self.softmax_scale,
+            backend=self.backend,
+            attn_bias=attn_bias,
+            dropout_p=dropout_p if self.training else 0.0,
+            deterministic=self.deterministic,
         )

@@ -7,8 +7,6 @@ known output shape. The "torch" backend is the reference (plain autograd, no cus
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -16,17 +14,18 @@ from . import kernels
 from .reference import prefix_attention_reference
 from .validation import Problem, validate
 
+
 @torch.library.custom_op("prefixattn::attention_fwd", mutates_args=(), device_types=None)
 def _attention_fwd(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    prefix_k: Optional[Tensor],
-    prefix_v: Optional[Tensor],
-    prefix_index: Optional[Tensor],
-    prefix_lengths: Optional[Tensor],
-    key_padding_mask: Optional[Tensor],
-    attn_bias: Optional[Tensor],
+    prefix_k: Tensor | None,
+    prefix_v: Tensor | None,
+    prefix_index: Tensor | None,
+    prefix_lengths: Tensor | None,
+    key_padding_mask: Tensor | None,
+    attn_bias: Tensor | None,
     causal: bool,
     scale: float,
     backend: str,
@@ -40,8 +39,21 @@ def _attention_fwd(
 
 
 @_attention_fwd.register_fake
-def _attention_fwd_fake(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, attn_bias,
-                        causal, scale, backend, deterministic):
+def _attention_fwd_fake(
+    q,
+    k,
+    v,
+    prefix_k,
+    prefix_v,
+    prefix_index,
+    prefix_lengths,
+    key_padding_mask,
+    attn_bias,
+    causal,
+    scale,
+    backend,
+    deterministic,
+):
     b, hq, sq, d = q.shape
     out = kernels.get_backend(backend).new_out(q)  # the layout the backend writes (kernels.bshd_empty or q's)
     # float32, or float64 for float64 inputs (as the reference; keeps float64 checks exact end to end).
@@ -52,16 +64,16 @@ def _attention_fwd_fake(q, k, v, prefix_k, prefix_v, prefix_index, prefix_length
 @torch.library.custom_op("prefixattn::attention_bwd", mutates_args=(), device_types=None)
 def _attention_bwd(
     dout: Tensor,
-    dlse: Optional[Tensor],
+    dlse: Tensor | None,
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    prefix_k: Optional[Tensor],
-    prefix_v: Optional[Tensor],
-    prefix_index: Optional[Tensor],
-    prefix_lengths: Optional[Tensor],
-    key_padding_mask: Optional[Tensor],
-    attn_bias: Optional[Tensor],
+    prefix_k: Tensor | None,
+    prefix_v: Tensor | None,
+    prefix_index: Tensor | None,
+    prefix_lengths: Tensor | None,
+    key_padding_mask: Tensor | None,
+    attn_bias: Tensor | None,
     out: Tensor,
     lse: Tensor,
     causal: bool,
@@ -71,8 +83,22 @@ def _attention_bwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     impl = kernels.get_backend(backend)
     dq, dk, dv, dpk, dpv = impl.backward(
-        dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, attn_bias,
-        out, lse, causal, scale, deterministic=deterministic,
+        dout,
+        dlse,
+        q,
+        k,
+        v,
+        prefix_k,
+        prefix_v,
+        prefix_index,
+        prefix_lengths,
+        key_padding_mask,
+        attn_bias,
+        out,
+        lse,
+        causal,
+        scale,
+        deterministic=deterministic,
     )
     if dpk is None:  # custom ops cannot return None
         dpk, dpv = q.new_empty(0), q.new_empty(0)
@@ -80,32 +106,79 @@ def _attention_bwd(
 
 
 @_attention_bwd.register_fake
-def _attention_bwd_fake(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask,
-                        attn_bias, out, lse, causal, scale, backend, deterministic):
+def _attention_bwd_fake(
+    dout,
+    dlse,
+    q,
+    k,
+    v,
+    prefix_k,
+    prefix_v,
+    prefix_index,
+    prefix_lengths,
+    key_padding_mask,
+    attn_bias,
+    out,
+    lse,
+    causal,
+    scale,
+    backend,
+    deterministic,
+):
     dpk = torch.empty_like(prefix_k) if prefix_k is not None else q.new_empty(0)
     dpv = torch.empty_like(prefix_v) if prefix_v is not None else q.new_empty(0)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dpk, dpv
 
 
 def _setup_context(ctx, inputs, output):
-    (q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, attn_bias, causal, scale,
-     backend, deterministic) = inputs
+    (
+        q,
+        k,
+        v,
+        prefix_k,
+        prefix_v,
+        prefix_index,
+        prefix_lengths,
+        key_padding_mask,
+        attn_bias,
+        causal,
+        scale,
+        backend,
+        deterministic,
+    ) = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, attn_bias,
-                          out, lse)
+    ctx.save_for_backward(
+        q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, attn_bias, out, lse
+    )
     ctx.causal, ctx.scale, ctx.backend, ctx.deterministic = causal, scale, backend, deterministic
     ctx.has_prefix = prefix_k is not None
     ctx.set_materialize_grads(False)  # an unused lse gets dlse=None, not zeros: backends skip its term
 
 
 def _backward(ctx, dout, dlse):
-    (q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, attn_bias, out,
-     lse) = ctx.saved_tensors
+    (q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, attn_bias, out, lse) = (
+        ctx.saved_tensors
+    )
     if dout is None:
         dout = torch.zeros_like(out)
     dq, dk, dv, dpk, dpv = _attention_bwd(
-        dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, attn_bias,
-        out, lse, ctx.causal, ctx.scale, ctx.backend, ctx.deterministic,
+        dout,
+        dlse,
+        q,
+        k,
+        v,
+        prefix_k,
+        prefix_v,
+        prefix_index,
+        prefix_lengths,
+        key_padding_mask,
+        attn_bias,
+        out,
+        lse,
+        ctx.causal,
+        ctx.scale,
+        ctx.backend,
+        ctx.deterministic,
     )
     if not ctx.has_prefix:
         dpk = dpv = None
@@ -115,12 +188,17 @@ def _backward(ctx, dout, dlse):
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _needs_grad(*tensors: Optional[Tensor]) -> bool:
+def _needs_grad(*tensors: Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _choose_backend(
-    requested: str, problem: Problem, *, needs_grad: bool, dropout_p: float, bias_needs_grad: bool,
+    requested: str,
+    problem: Problem,
+    *,
+    needs_grad: bool,
+    dropout_p: float,
+    bias_needs_grad: bool,
     deterministic: bool = True,
 ) -> str:
     """Resolve "auto"; refuse (never silently replace) an explicit backend that cannot run this call."""
@@ -131,11 +209,15 @@ def _choose_backend(
             return "torch"
         return kernels.auto_backend(problem, needs_grad=needs_grad)
     if dropout_p > 0.0:
-        raise ValueError(f"dropout_p: backend {requested!r} has no attention dropout; got dropout_p={dropout_p} "
-                         f"(use backend='torch' or 'auto')")
+        raise ValueError(
+            f"dropout_p: backend {requested!r} has no attention dropout; got dropout_p={dropout_p} "
+            f"(use backend='torch' or 'auto')"
+        )
     if bias_needs_grad:
-        raise ValueError(f"attn_bias: backend {requested!r} does not compute a gradient for attn_bias, but it "
-                         f"requires grad (detach it, or use backend='torch')")
+        raise ValueError(
+            f"attn_bias: backend {requested!r} does not compute a gradient for attn_bias, but it "
+            f"requires grad (detach it, or use backend='torch')"
+        )
     kernels.check_backend(requested, problem, needs_grad=needs_grad, deterministic=deterministic)
     return requested
 
@@ -144,20 +226,20 @@ def prefix_attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    prefix_k: Optional[Tensor] = None,
-    prefix_v: Optional[Tensor] = None,
+    prefix_k: Tensor | None = None,
+    prefix_v: Tensor | None = None,
     *,
-    prefix_index: Optional[Tensor] = None,
-    prefix_lengths: Optional[Tensor] = None,
+    prefix_index: Tensor | None = None,
+    prefix_lengths: Tensor | None = None,
     causal: bool = True,
-    key_padding_mask: Optional[Tensor] = None,
-    softmax_scale: Optional[float] = None,
+    key_padding_mask: Tensor | None = None,
+    softmax_scale: float | None = None,
     return_lse: bool = False,
     backend: str = "auto",
-    attn_bias: Optional[Tensor] = None,
+    attn_bias: Tensor | None = None,
     dropout_p: float = 0.0,
     deterministic: bool = True,
-    validate_values: Optional[bool] = None,
+    validate_values: bool | None = None,
 ):
     """Attention of q over [prefix; sequence] keys, with the prefix read from its own buffer.
 
@@ -183,9 +265,18 @@ def prefix_attention(
     [0, P] (lengths), never an out-of-bounds access.
     """
     problem = validate(
-        q, k, v, prefix_k, prefix_v,
-        prefix_index=prefix_index, prefix_lengths=prefix_lengths, causal=causal,
-        key_padding_mask=key_padding_mask, softmax_scale=softmax_scale, attn_bias=attn_bias, backend=backend,
+        q,
+        k,
+        v,
+        prefix_k,
+        prefix_v,
+        prefix_index=prefix_index,
+        prefix_lengths=prefix_lengths,
+        causal=causal,
+        key_padding_mask=key_padding_mask,
+        softmax_scale=softmax_scale,
+        attn_bias=attn_bias,
+        backend=backend,
         validate_values=validate_values,
     )
     if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
@@ -194,21 +285,47 @@ def prefix_attention(
         raise TypeError(f"deterministic: expected a bool, got {type(deterministic).__name__} {deterministic!r}")
     needs_grad = _needs_grad(q, k, v, prefix_k, prefix_v)
     bias_needs_grad = _needs_grad(attn_bias)
-    chosen = _choose_backend(backend, problem, needs_grad=needs_grad, dropout_p=float(dropout_p),
-                             bias_needs_grad=bias_needs_grad, deterministic=deterministic)
+    chosen = _choose_backend(
+        backend,
+        problem,
+        needs_grad=needs_grad,
+        dropout_p=float(dropout_p),
+        bias_needs_grad=bias_needs_grad,
+        deterministic=deterministic,
+    )
 
     if chosen == "torch":
         return prefix_attention_reference(
-            q, k, v, prefix_k, prefix_v,
-            prefix_index=prefix_index, prefix_lengths=prefix_lengths, causal=causal,
-            key_padding_mask=key_padding_mask, softmax_scale=problem.scale, attn_bias=attn_bias,
-            dropout_p=float(dropout_p), return_lse=return_lse,
+            q,
+            k,
+            v,
+            prefix_k,
+            prefix_v,
+            prefix_index=prefix_index,
+            prefix_lengths=prefix_lengths,
+            causal=causal,
+            key_padding_mask=key_padding_mask,
+            softmax_scale=problem.scale,
+            attn_bias=attn_bias,
+            dropout_p=float(dropout_p),
+            return_lse=return_lse,
         )
 
     if problem.prefix_len == 0:  # an empty prefix is no prefix; kernels never see P = 0 buffers
         prefix_k = prefix_v = prefix_index = prefix_lengths = None
     out, lse = _attention_fwd(
-        q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask,
-        attn_bias.detach() if attn_bias is not None else None, causal, problem.scale, chosen, deterministic,
+        q,
+        k,
+        v,
+        prefix_k,
+        prefix_v,
+        prefix_index,
+        prefix_lengths,
+        key_padding_mask,
+        attn_bias.detach() if attn_bias is not None else None,
+        causal,
+        problem.scale,
+        chosen,
+        deterministic,
     )
     return (out, lse) if return_lse else out

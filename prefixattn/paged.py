@@ -17,7 +17,6 @@ implements the same rule.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -49,9 +48,21 @@ class PagedProblem:
     scale: float
 
 
-def validate_paged(q, k_cache, v_cache, block_table, seq_lens, prefix_k=None, prefix_v=None, *,
-                   prefix_index=None, prefix_lengths=None, softmax_scale=None, backend="auto",
-                   validate_values: Optional[bool] = None) -> PagedProblem:
+def validate_paged(
+    q,
+    k_cache,
+    v_cache,
+    block_table,
+    seq_lens,
+    prefix_k=None,
+    prefix_v=None,
+    *,
+    prefix_index=None,
+    prefix_lengths=None,
+    softmax_scale=None,
+    backend="auto",
+    validate_values: bool | None = None,
+) -> PagedProblem:
     """Checks shapes, dtypes and devices (and, for CPU tensors or on request, table values) before any launch."""
     _check_tensor("q", q, rank=4)
     _check_tensor("k_cache", k_cache, rank=4)
@@ -60,9 +71,11 @@ def validate_paged(q, k_cache, v_cache, block_table, seq_lens, prefix_k=None, pr
         raise TypeError(f"q: expected dtype float16, bfloat16, float32 or float64, got {q.dtype}")
     batch, heads_q, seqlen_q, head_dim = q.shape
     if not 1 <= seqlen_q <= MAX_QUERY_LEN:
-        raise ValueError(f"q: the paged path serves 1 to {MAX_QUERY_LEN} query tokens per sequence (decode, "
-                         f"speculative verification); got Sq={seqlen_q} (shape {_shape(q)}); run longer "
-                         f"chunks through prefix_attention")
+        raise ValueError(
+            f"q: the paged path serves 1 to {MAX_QUERY_LEN} query tokens per sequence (decode, "
+            f"speculative verification); got Sq={seqlen_q} (shape {_shape(q)}); run longer "
+            f"chunks through prefix_attention"
+        )
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         if t.dtype != q.dtype:
             raise TypeError(f"{name}: expected dtype {q.dtype} (same as q), got {t.dtype}")
@@ -72,13 +85,17 @@ def validate_paged(q, k_cache, v_cache, block_table, seq_lens, prefix_k=None, pr
         raise ValueError(f"v_cache: expected the shape of k_cache {_shape(k_cache)}, got {_shape(v_cache)}")
     num_pages, page_size, heads_kv, dk = k_cache.shape
     if dk != head_dim:
-        raise ValueError(f"k_cache: expected [num_pages, page_size, Hkv, D] with D={head_dim} (q's last dim), "
-                         f"got shape {_shape(k_cache)}")
+        raise ValueError(
+            f"k_cache: expected [num_pages, page_size, Hkv, D] with D={head_dim} (q's last dim), "
+            f"got shape {_shape(k_cache)}"
+        )
     if num_pages < 1 or page_size < 1:
         raise ValueError(f"k_cache: expected at least one page of at least one token, got shape {_shape(k_cache)}")
     if heads_kv == 0 or heads_q % heads_kv != 0:
-        raise ValueError(f"q: number of query heads must be a multiple of the KV heads; got Hq={heads_q} for "
-                         f"Hkv={heads_kv} (k_cache shape {_shape(k_cache)})")
+        raise ValueError(
+            f"q: number of query heads must be a multiple of the KV heads; got Hq={heads_q} for "
+            f"Hkv={heads_kv} (k_cache shape {_shape(k_cache)})"
+        )
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if t.numel() and t.stride(-1) != 1:
             raise ValueError(f"{name}: last dimension must be contiguous (stride 1), got strides {t.stride()}")
@@ -91,8 +108,9 @@ def validate_paged(q, k_cache, v_cache, block_table, seq_lens, prefix_k=None, pr
         if t.device != q.device:
             raise ValueError(f"{name}: expected device {q.device} (same as q), got {t.device}")
     if block_table.shape[0] != batch:
-        raise ValueError(f"block_table: expected shape [{batch}, max_pages] (one row per sequence), "
-                         f"got {_shape(block_table)}")
+        raise ValueError(
+            f"block_table: expected shape [{batch}, max_pages] (one row per sequence), got {_shape(block_table)}"
+        )
     if tuple(seq_lens.shape) != (batch,):
         raise ValueError(f"seq_lens: expected shape [{batch}] (one length per sequence), got {_shape(seq_lens)}")
     check_backend_name(backend)
@@ -100,9 +118,18 @@ def validate_paged(q, k_cache, v_cache, block_table, seq_lens, prefix_k=None, pr
     # The prefix rules are the op's: validate them against a zero-length, zero-stride stand-in for k/v
     # (no memory is read or allocated), so prefix errors read exactly as they do for prefix_attention.
     stand_in = k_cache.as_strided((batch, heads_kv, 0, head_dim), (0, k_cache.stride(2), 0, 1))
-    base = validate(q, stand_in, stand_in, prefix_k, prefix_v, prefix_index=prefix_index,
-                    prefix_lengths=prefix_lengths, causal=False, softmax_scale=softmax_scale,
-                    validate_values=validate_values)
+    base = validate(
+        q,
+        stand_in,
+        stand_in,
+        prefix_k,
+        prefix_v,
+        prefix_index=prefix_index,
+        prefix_lengths=prefix_lengths,
+        causal=False,
+        softmax_scale=softmax_scale,
+        validate_values=validate_values,
+    )
 
     max_pages = block_table.shape[1]
     check_values = validate_values if validate_values is not None else not q.is_cuda
@@ -110,19 +137,39 @@ def validate_paged(q, k_cache, v_cache, block_table, seq_lens, prefix_k=None, pr
         capacity = max_pages * page_size
         lo, hi = int(seq_lens.min()), int(seq_lens.max())
         if lo < 0 or hi > capacity:
-            raise ValueError(f"seq_lens: expected values in [0, {capacity}] (max_pages={max_pages} x "
-                             f"page_size={page_size}), got min {lo}, max {hi}")
-        used = torch.arange(max_pages, device=seq_lens.device)[None, :] < \
-            ((seq_lens.long() + page_size - 1) // page_size)[:, None]
+            raise ValueError(
+                f"seq_lens: expected values in [0, {capacity}] (max_pages={max_pages} x "
+                f"page_size={page_size}), got min {lo}, max {hi}"
+            )
+        used = (
+            torch.arange(max_pages, device=seq_lens.device)[None, :]
+            < ((seq_lens.long() + page_size - 1) // page_size)[:, None]
+        )
         bad = used & ((block_table < 0) | (block_table >= num_pages))
         if bool(bad.any()):
             b, p = (int(x) for x in bad.nonzero()[0])
-            raise ValueError(f"block_table: expected page ids in [0, {num_pages - 1}] (num_pages={num_pages}) for "
-                             f"every page a sequence uses; got block_table[{b}, {p}] = {int(block_table[b, p])} "
-                             f"(seq_lens[{b}] = {int(seq_lens[b])})")
+            raise ValueError(
+                f"block_table: expected page ids in [0, {num_pages - 1}] (num_pages={num_pages}) for "
+                f"every page a sequence uses; got block_table[{b}, {p}] = {int(block_table[b, p])} "
+                f"(seq_lens[{b}] = {int(seq_lens[b])})"
+            )
 
-    return PagedProblem(batch, heads_q, heads_kv, seqlen_q, head_dim, num_pages, page_size, max_pages,
-                        base.prefix_len, base.pool_size, base.pooled, q.dtype, q.device, base.scale)
+    return PagedProblem(
+        batch,
+        heads_q,
+        heads_kv,
+        seqlen_q,
+        head_dim,
+        num_pages,
+        page_size,
+        max_pages,
+        base.prefix_len,
+        base.pool_size,
+        base.pooled,
+        q.dtype,
+        q.device,
+        base.scale,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -144,8 +191,11 @@ def gather_pages(k_cache: Tensor, v_cache: Tensor, block_table: Tensor, seq_lens
     j = torch.arange(length, device=k_cache.device)[None, :] - (length - lens)[:, None]  # token index, [B, L]
     real = j >= 0
     j = j.clamp(min=0)
-    page = block_table.long().gather(1, (j // page_size).clamp(max=max(block_table.shape[1] - 1, 0))) \
-        if block_table.shape[1] else torch.full_like(j, -1)
+    page = (
+        block_table.long().gather(1, (j // page_size).clamp(max=max(block_table.shape[1] - 1, 0)))
+        if block_table.shape[1]
+        else torch.full_like(j, -1)
+    )
     real = real & (page >= 0) & (page < num_pages)
     page = torch.where(real, page, torch.zeros_like(page))
     tok = j % page_size
@@ -154,13 +204,35 @@ def gather_pages(k_cache: Tensor, v_cache: Tensor, block_table: Tensor, seq_lens
     return k, v, real
 
 
-def paged_reference(q, k_cache, v_cache, block_table, seq_lens, prefix_k=None, prefix_v=None, *,
-                    prefix_index=None, prefix_lengths=None, softmax_scale=None, return_lse=False):
+def paged_reference(
+    q,
+    k_cache,
+    v_cache,
+    block_table,
+    seq_lens,
+    prefix_k=None,
+    prefix_v=None,
+    *,
+    prefix_index=None,
+    prefix_lengths=None,
+    softmax_scale=None,
+    return_lse=False,
+):
     """prefix_attention_paged computed by gathering the pages and calling prefix_attention_reference."""
     k, v, real = gather_pages(k_cache, v_cache, block_table, seq_lens, min_len=q.shape[2])
-    return prefix_attention_reference(q, k, v, prefix_k, prefix_v, prefix_index=prefix_index,
-                                      prefix_lengths=prefix_lengths, causal=True, key_padding_mask=real,
-                                      softmax_scale=softmax_scale, return_lse=return_lse)
+    return prefix_attention_reference(
+        q,
+        k,
+        v,
+        prefix_k,
+        prefix_v,
+        prefix_index=prefix_index,
+        prefix_lengths=prefix_lengths,
+        causal=True,
+        key_padding_mask=real,
+        softmax_scale=softmax_scale,
+        return_lse=return_lse,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -173,7 +245,7 @@ def _cuda_module():
     return cuda_backend
 
 
-def _unsupported(name: str, problem: PagedProblem, q: Tensor, k_cache: Tensor) -> Optional[str]:
+def _unsupported(name: str, problem: PagedProblem, q: Tensor, k_cache: Tensor) -> str | None:
     """Why backend `name` cannot run this paged problem, or None."""
     if name == "torch":
         return None
@@ -189,8 +261,9 @@ def _unsupported(name: str, problem: PagedProblem, q: Tensor, k_cache: Tensor) -
     return _cuda_module().unsupported_reason_paged(q, k_cache)
 
 
-def choose_backend(requested: str, problem: PagedProblem, q: Tensor, k_cache: Tensor, block_table: Tensor,
-                   prefix_k: Optional[Tensor]) -> str:
+def choose_backend(
+    requested: str, problem: PagedProblem, q: Tensor, k_cache: Tensor, block_table: Tensor, prefix_k: Tensor | None
+) -> str:
     """Resolve "auto"; refuse (never silently replace) an explicit backend that cannot run this call.
 
     "auto" takes the CUDA kernels where cuda_backend.preferred_paged (its measured table) says they are
@@ -217,25 +290,28 @@ def _paged_decode(
     v_cache: Tensor,
     block_table: Tensor,
     seq_lens: Tensor,
-    prefix_k: Optional[Tensor],
-    prefix_v: Optional[Tensor],
-    prefix_index: Optional[Tensor],
-    prefix_lengths: Optional[Tensor],
+    prefix_k: Tensor | None,
+    prefix_v: Tensor | None,
+    prefix_index: Tensor | None,
+    prefix_lengths: Tensor | None,
     scale: float,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
     if backend == "cuda":
-        return _cuda_module().paged_decode(q, k_cache, v_cache, block_table, seq_lens, prefix_k, prefix_v,
-                                           prefix_index, prefix_lengths, scale)
+        return _cuda_module().paged_decode(
+            q, k_cache, v_cache, block_table, seq_lens, prefix_k, prefix_v, prefix_index, prefix_lengths, scale
+        )
     from .kernels import triton_decode
 
-    return triton_decode.paged_forward(q, k_cache, v_cache, block_table, seq_lens, prefix_k, prefix_v,
-                                       prefix_index, prefix_lengths, scale)
+    return triton_decode.paged_forward(
+        q, k_cache, v_cache, block_table, seq_lens, prefix_k, prefix_v, prefix_index, prefix_lengths, scale
+    )
 
 
 @_paged_decode.register_fake
-def _paged_decode_fake(q, k_cache, v_cache, block_table, seq_lens, prefix_k, prefix_v, prefix_index,
-                       prefix_lengths, scale, backend):
+def _paged_decode_fake(
+    q, k_cache, v_cache, block_table, seq_lens, prefix_k, prefix_v, prefix_index, prefix_lengths, scale, backend
+):
     b, hq, sq, d = q.shape
     out = kernels.bshd_empty(q)  # as the decode kernels write it
     return out, q.new_empty((b, hq, sq), dtype=torch.float32)
@@ -247,15 +323,15 @@ def prefix_attention_paged(
     v_cache: Tensor,
     block_table: Tensor,
     seq_lens: Tensor,
-    prefix_k: Optional[Tensor] = None,
-    prefix_v: Optional[Tensor] = None,
+    prefix_k: Tensor | None = None,
+    prefix_v: Tensor | None = None,
     *,
-    prefix_index: Optional[Tensor] = None,
-    prefix_lengths: Optional[Tensor] = None,
-    softmax_scale: Optional[float] = None,
+    prefix_index: Tensor | None = None,
+    prefix_lengths: Tensor | None = None,
+    softmax_scale: float | None = None,
     return_lse: bool = False,
     backend: str = "auto",
-    validate_values: Optional[bool] = None,
+    validate_values: bool | None = None,
 ):
     """Attention of up to 16 new query tokens per sequence over [prefix; paged cache]. Inference only.
 
@@ -270,16 +346,48 @@ def prefix_attention_paged(
     the module docstring for what such rows return). backend: "auto" | "triton" | "cuda" | "torch".
     No host sync and no value-dependent allocation on the GPU path: a step can be captured in a CUDA graph.
     """
-    problem = validate_paged(q, k_cache, v_cache, block_table, seq_lens, prefix_k, prefix_v,
-                             prefix_index=prefix_index, prefix_lengths=prefix_lengths,
-                             softmax_scale=softmax_scale, backend=backend, validate_values=validate_values)
+    problem = validate_paged(
+        q,
+        k_cache,
+        v_cache,
+        block_table,
+        seq_lens,
+        prefix_k,
+        prefix_v,
+        prefix_index=prefix_index,
+        prefix_lengths=prefix_lengths,
+        softmax_scale=softmax_scale,
+        backend=backend,
+        validate_values=validate_values,
+    )
     chosen = choose_backend(backend, problem, q, k_cache, block_table, prefix_k)
     if chosen == "torch":
-        return paged_reference(q, k_cache, v_cache, block_table, seq_lens, prefix_k, prefix_v,
-                               prefix_index=prefix_index, prefix_lengths=prefix_lengths,
-                               softmax_scale=problem.scale, return_lse=return_lse)
+        return paged_reference(
+            q,
+            k_cache,
+            v_cache,
+            block_table,
+            seq_lens,
+            prefix_k,
+            prefix_v,
+            prefix_index=prefix_index,
+            prefix_lengths=prefix_lengths,
+            softmax_scale=problem.scale,
+            return_lse=return_lse,
+        )
     if problem.prefix_len == 0:  # an empty prefix is no prefix; kernels never see P = 0 buffers
         prefix_k = prefix_v = prefix_index = prefix_lengths = None
-    out, lse = _paged_decode(q, k_cache, v_cache, block_table, seq_lens, prefix_k, prefix_v, prefix_index,
-                             prefix_lengths, problem.scale, chosen)
+    out, lse = _paged_decode(
+        q,
+        k_cache,
+        v_cache,
+        block_table,
+        seq_lens,
+        prefix_k,
+        prefix_v,
+        prefix_index,
+        prefix_lengths,
+        problem.scale,
+        chosen,
+    )
     return (out, lse) if return_lse else out

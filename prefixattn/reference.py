@@ -11,7 +11,6 @@ This is written for clarity, not speed: it materialises the per-sequence prefix 
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -24,7 +23,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def gather_prefix(
     prefix: Tensor,
     batch: int,
-    prefix_index: Optional[Tensor],
+    prefix_index: Tensor | None,
 ) -> Tensor:
     """Per-sequence view of a shared [Hkv, P, D] or pooled [N, Hkv, P, D] prefix -> [B, Hkv, P, D]."""
     if prefix.dim() == 3:
@@ -40,8 +39,8 @@ def prefix_valid_mask(
     plen: int,
     device: torch.device,
     pool_size: int,
-    prefix_index: Optional[Tensor],
-    prefix_lengths: Optional[Tensor],
+    prefix_index: Tensor | None,
+    prefix_lengths: Tensor | None,
 ) -> Tensor:
     """bool [B, P]: which prefix slots each sequence may attend to."""
     slots = torch.arange(plen, device=device)
@@ -66,7 +65,7 @@ def sequence_visible_mask(
     sk: int,
     device: torch.device,
     causal: bool,
-    key_padding_mask: Optional[Tensor],
+    key_padding_mask: Tensor | None,
 ) -> Tensor:
     """bool [B, 1, Sq, Sk]: which sequence keys each query may attend to."""
     visible = torch.ones(batch, 1, sq, sk, dtype=torch.bool, device=device)
@@ -83,15 +82,15 @@ def prefix_attention_reference(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    prefix_k: Optional[Tensor] = None,
-    prefix_v: Optional[Tensor] = None,
+    prefix_k: Tensor | None = None,
+    prefix_v: Tensor | None = None,
     *,
-    prefix_index: Optional[Tensor] = None,
-    prefix_lengths: Optional[Tensor] = None,
+    prefix_index: Tensor | None = None,
+    prefix_lengths: Tensor | None = None,
     causal: bool = True,
-    key_padding_mask: Optional[Tensor] = None,
-    softmax_scale: Optional[float] = None,
-    attn_bias: Optional[Tensor] = None,
+    key_padding_mask: Tensor | None = None,
+    softmax_scale: float | None = None,
+    attn_bias: Tensor | None = None,
     dropout_p: float = 0.0,
     return_lse: bool = False,
 ):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -29,7 +28,7 @@ def check_backend_name(backend) -> None:
         raise ValueError(f"backend: expected one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
 
 
-def _check_tensor(name: str, t, *, rank: Optional[int] = None) -> None:
+def _check_tensor(name: str, t, *, rank: int | None = None) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if rank is not None and t.dim() != rank:
@@ -71,7 +70,7 @@ def validate(
     softmax_scale=None,
     attn_bias=None,
     backend="auto",
-    validate_values: Optional[bool] = None,
+    validate_values: bool | None = None,
 ) -> Problem:
     _check_tensor("q", q, rank=4)
     _check_tensor("k", k, rank=4)
@@ -94,9 +93,7 @@ def validate(
     if hq == 0:
         raise ValueError(f"q: expected at least one query head, got shape {_shape(q)}")
     if hkv == 0 or hq % hkv != 0:
-        raise ValueError(
-            f"q: number of query heads must be a multiple of the KV heads; got Hq={hq} for Hkv={hkv}"
-        )
+        raise ValueError(f"q: number of query heads must be a multiple of the KV heads; got Hq={hq} for Hkv={hkv}")
     if dim == 0:
         raise ValueError(f"q: head dim must be positive, got shape {_shape(q)}")
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -149,7 +146,9 @@ def validate(
         if prefix_index.dtype not in INDEX_DTYPES:
             raise TypeError(f"prefix_index: expected dtype int32 or int64, got {prefix_index.dtype}")
         if prefix_index.shape[0] != batch:
-            raise ValueError(f"prefix_index: expected shape [{batch}] (one entry per sequence), got {_shape(prefix_index)}")
+            raise ValueError(
+                f"prefix_index: expected shape [{batch}] (one entry per sequence), got {_shape(prefix_index)}"
+            )
         if prefix_index.device != q.device:
             raise ValueError(f"prefix_index: expected device {q.device}, got {prefix_index.device}")
     elif pooled:
@@ -166,7 +165,8 @@ def validate(
             raise TypeError(f"prefix_lengths: expected dtype int32 or int64, got {prefix_lengths.dtype}")
         if prefix_lengths.shape[0] != pool_size:
             raise ValueError(
-                f"prefix_lengths: expected shape [{pool_size}] (one length per pool entry), got {_shape(prefix_lengths)}"
+                f"prefix_lengths: expected shape [{pool_size}] (one length per pool entry), "
+                f"got {_shape(prefix_lengths)}"
             )
         if prefix_lengths.device != q.device:
             raise ValueError(f"prefix_lengths: expected device {q.device}, got {prefix_lengths.device}")
@@ -177,7 +177,8 @@ def validate(
             lo, hi = int(prefix_index.min()), int(prefix_index.max())
             if lo < -1 or hi >= pool_size:
                 raise ValueError(
-                    f"prefix_index: expected values in [-1, {pool_size - 1}] (pool of {pool_size}), got min {lo}, max {hi}"
+                    f"prefix_index: expected values in [-1, {pool_size - 1}] (pool of {pool_size}), "
+                    f"got min {lo}, max {hi}"
                 )
         if prefix_lengths is not None and prefix_lengths.numel():
             lo, hi = int(prefix_lengths.min()), int(prefix_lengths.max())
@@ -187,9 +188,13 @@ def validate(
     if key_padding_mask is not None:
         _check_tensor("key_padding_mask", key_padding_mask, rank=2)
         if key_padding_mask.dtype != torch.bool:
-            raise TypeError(f"key_padding_mask: expected dtype torch.bool (True = real token), got {key_padding_mask.dtype}")
+            raise TypeError(
+                f"key_padding_mask: expected dtype torch.bool (True = real token), got {key_padding_mask.dtype}"
+            )
         if tuple(key_padding_mask.shape) != (batch, sk):
-            raise ValueError(f"key_padding_mask: expected shape [{batch}, {sk}] ([B, Sk]), got {_shape(key_padding_mask)}")
+            raise ValueError(
+                f"key_padding_mask: expected shape [{batch}, {sk}] ([B, Sk]), got {_shape(key_padding_mask)}"
+            )
         if key_padding_mask.device != q.device:
             raise ValueError(f"key_padding_mask: expected device {q.device}, got {key_padding_mask.device}")
 
@@ -214,5 +219,20 @@ def validate(
     check_backend_name(backend)
 
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(dim)
-    return Problem(batch, hq, hkv, sq, sk, dim, plen, pool_size, pooled, q.dtype, q.device, scale, causal,
-                   key_padding_mask is not None, attn_bias is not None)
+    return Problem(
+        batch,
+        hq,
+        hkv,
+        sq,
+        sk,
+        dim,
+        plen,
+        pool_size,
+        pooled,
+        q.dtype,
+        q.device,
+        scale,
+        causal,
+        key_padding_mask is not None,
+        attn_bias is not None,
+    )

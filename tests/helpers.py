@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 
@@ -38,15 +37,22 @@ class Case:
     prefix_len: int = 5
     pool: int = 0  # 0: shared [Hkv, P, D]; N > 0: pool [N, Hkv, P, D] with prefix_index
     causal: bool = True
-    padding: Optional[str] = None  # None | "left" | "right" | "random"
+    padding: str | None = None  # None | "left" | "right" | "random"
     lengths: bool = False  # pool entries with random valid lengths
     noncontiguous: bool = False
     extra: dict = field(default_factory=dict)
 
     def make(self, dtype=torch.float64, device="cpu", requires_grad=True, generator=None):
         g = generator
-        B, Hq, Hkv, Sq, Sk, D, P = (self.batch, self.heads_q, self.heads_kv, self.seqlen_q, self.seqlen_k,
-                                     self.head_dim, self.prefix_len)
+        B, Hq, Hkv, Sq, Sk, D, P = (
+            self.batch,
+            self.heads_q,
+            self.heads_kv,
+            self.seqlen_q,
+            self.seqlen_k,
+            self.head_dim,
+            self.prefix_len,
+        )
 
         def rnd(*shape):
             return torch.randn(*shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)

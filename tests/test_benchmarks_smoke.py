@@ -51,7 +51,8 @@ def test_attention_smoke_writes_table_json(tmp_path):
     assert any("dprefix_k_rel_err" in c for c in checks)  # gradients are checked too, the prefix's included
     tg = [r for r in records if r["kind"] == "attention_target"]
     assert {(t["method"], t["shape"], t["mode"]) for t in tg} == {
-        (a, s, m) for a in ("prefixattn", "prefixattn_sdpa") for s in ("main", "gqa") for m in ("fwd", "fwdbwd")}
+        (a, s, m) for a in ("prefixattn", "prefixattn_sdpa") for s in ("main", "gqa") for m in ("fwd", "fwdbwd")
+    }
     text = (tmp_path / "attention.txt").read_text()
     assert "prefixattn/limit" in text and "pa_sdpa verdict" in text
 
@@ -68,8 +69,19 @@ def test_decode_smoke_writes_table_json(tmp_path):
     assert rc == 0
     records = load(tmp_path / "decode.json")
     rows = [r for r in records if r["kind"] == "decode"]
-    keys = {"B", "Sk", "P", "method", "us", "bytes_needed", "TBps_needed", "pct_of_copy", "kv_cache_GB_per_layer",
-            "timing", "sets"}
+    keys = {
+        "B",
+        "Sk",
+        "P",
+        "method",
+        "us",
+        "bytes_needed",
+        "TBps_needed",
+        "pct_of_copy",
+        "kv_cache_GB_per_layer",
+        "timing",
+        "sets",
+    }
     assert rows and all(keys <= set(r) for r in rows)
     assert {"floor", "concat_sdpa", "prefixattn_torch"} <= {r["method"] for r in rows}
     assert all(r["correct"] for r in rows if r["method"] == "prefixattn_torch")
@@ -116,13 +128,22 @@ def test_e2e_train_methods_option(tmp_path):
 @pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash, timeout")
 def test_gpu_check_dry_run(tmp_path):
     env = dict(os.environ, OUT=str(tmp_path / "out"), WORK=str(tmp_path / "work"), PYTHON=sys.executable)
-    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--dry", "--steps", "env,decode",
-                           "--budget", "120"], cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--dry", "--steps", "env,decode", "--budget", "120"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     out = tmp_path / "out"
     files = {p.name for p in out.iterdir()}
-    assert {"summary.txt", "results.tar.gz", "decode.json"} <= files <= {"summary.txt", "results.tar.gz",
-                                                                          "decode.json", "decode.png"}
+    assert (
+        {"summary.txt", "results.tar.gz", "decode.json"}
+        <= files
+        <= {"summary.txt", "results.tar.gz", "decode.json", "decode.png"}
+    )
     summary = (out / "summary.txt").read_text()
     assert "decode benchmark" in summary and "env        ok" in summary
     assert proc.stdout.rstrip().endswith(summary.rstrip().splitlines()[-1])  # the summary ends stdout
@@ -140,7 +161,9 @@ def test_baselines_compute_prefix_attention():
         attention.set_prefix(sets, shape, plen, "cpu", torch.float32)
         q, k, v, pk, pv = (t.detach() for t in sets[0].args())
         ref = prefixattn.prefix_attention_reference(q.double(), k.double(), v.double(), pk.double(), pv.double())
-        methods = attention.build_concat_mask(shape, plen, "cpu") + attention.build_concat_lowerright(shape, plen, "cpu")
+        methods = attention.build_concat_mask(shape, plen, "cpu") + attention.build_concat_lowerright(
+            shape, plen, "cpu"
+        )
         for m in methods:
             assert timing.rel_err(m.fwd(q, k, v, pk, pv), ref) < 1e-5, m.note
         out_seq, lse_seq = prefixattn.prefix_attention_reference(q, k, v, return_lse=True)
@@ -180,20 +203,24 @@ def test_counts_match_the_anchors():
 
 def test_targets_verdicts():
     base = dict(kind="attention", shape="main", S=2048, B=4, Hq=32, Hkv=32, D=128, dtype="bfloat16", TFLOPs=1.0)
-    records = [dict(base, method="floor", P=0, mode="fwd", ms=0.28),
-               dict(base, method="prefixattn", P=512, mode="fwd", ms=0.28 * 1.5 * 1.2 * 0.99, correct=True),
-               dict(base, method="floor", P=0, mode="fwdbwd", ms=1.23),
-               dict(base, method="prefixattn", P=512, mode="fwdbwd", ms=1.23 * 1.5 * 1.3 * 1.01, correct=True)]
+    records = [
+        dict(base, method="floor", P=0, mode="fwd", ms=0.28),
+        dict(base, method="prefixattn", P=512, mode="fwd", ms=0.28 * 1.5 * 1.2 * 0.99, correct=True),
+        dict(base, method="floor", P=0, mode="fwdbwd", ms=1.23),
+        dict(base, method="prefixattn", P=512, mode="fwdbwd", ms=1.23 * 1.5 * 1.3 * 1.01, correct=True),
+    ]
     verdicts = {t["mode"]: t["verdict"] for t in report.attention_targets(records)}
     assert verdicts == {"fwd": "PASS", "fwdbwd": "MISS"}
     records[1]["correct"] = False
     assert {t["mode"]: t["verdict"] for t in report.attention_targets(records)}["fwd"] == "WRONG"
 
     row = dict(kind="decode", Sk=256, P=512, pct_of_copy=0.5)
-    dec = [dict(row, B=128, method="concat_sdpa", ms=1.0, us=1000.0),
-           dict(row, B=128, method="prefixattn_triton", ms=0.49, us=490.0, correct=True),
-           dict(row, B=1, method="concat_sdpa", ms=1.0, us=1000.0),
-           dict(row, B=1, method="prefixattn_triton", ms=1.01, us=1010.0, correct=True)]
+    dec = [
+        dict(row, B=128, method="concat_sdpa", ms=1.0, us=1000.0),
+        dict(row, B=128, method="prefixattn_triton", ms=0.49, us=490.0, correct=True),
+        dict(row, B=1, method="concat_sdpa", ms=1.0, us=1000.0),
+        dict(row, B=1, method="prefixattn_triton", ms=1.01, us=1010.0, correct=True),
+    ]
     got = {(t["B"], t["verdict"]) for t in report.decode_targets(dec)}
     assert got == {(128, "PASS"), (1, "MISS")}
 
@@ -201,8 +228,10 @@ def test_targets_verdicts():
 def test_result_writer_keeps_valid_json(tmp_path):
     w = timing.ResultWriter(tmp_path / "r.json", dict(kind="env"))
     w.add(dict(kind="x", value=float("nan"), t=torch.float32))
-    assert json.loads((tmp_path / "r.json").read_text()) == [{"kind": "env"}, {"kind": "x", "value": "nan",
-                                                                                 "t": "torch.float32"}]
+    assert json.loads((tmp_path / "r.json").read_text()) == [
+        {"kind": "env"},
+        {"kind": "x", "value": "nan", "t": "torch.float32"},
+    ]
 
 
 def test_rotation_and_timer():
@@ -234,8 +263,14 @@ def test_pick_skips_wrong_variants_and_times_forward_without_backward(tmp_path):
     wrong = attention.Method("m", lambda *a: good.fwd(*a) * 1.5, "wrong")
     no_bwd = attention.Method("m", lambda *a: _NoBackward.apply(good.fwd(*a)), "forward only")
     writer = timing.ResultWriter(tmp_path / "r.json")
-    bench = attention.Bench(attention.parse_args(["--smoke"]), torch.device("cpu"), torch.float32, writer,
-                            timing.Deadline(None), timing.Progress("t"))
+    bench = attention.Bench(
+        attention.parse_args(["--smoke"]),
+        torch.device("cpu"),
+        torch.float32,
+        writer,
+        timing.Deadline(None),
+        timing.Progress("t"),
+    )
     m, check, tried = bench.pick([wrong, no_bwd], sets[0], ref, backward=True, shape="t", P=3, method="m")
     assert m.note.startswith("forward only") and not m.backward and check["ok"]
     assert "disagrees" in tried[0] and "backward kernel not written" in tried[1]
@@ -255,8 +290,14 @@ def test_plots_render(tmp_path):
 def test_gpu_next_dry_run(tmp_path):
     """The prepared next GPU run works end to end on the CPU (tiny shapes), the sdpa rows included."""
     env = dict(os.environ, OUT=str(tmp_path / "out"), WORK=str(tmp_path / "work"), PYTHON=sys.executable)
-    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_next.sh"), "--dry"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "gpu_next.sh"), "--dry"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     summary = (tmp_path / "out" / "summary.txt").read_text()
     assert "prefixattn_sdpa" in summary and "TIMEOUT" not in summary
@@ -277,8 +318,10 @@ def test_decode_nosplit_variant_forces_one_split_and_restores():
 def test_decode_nosplit_variant_is_information_not_target(tmp_path, monkeypatch):
     # one (Sk, P) point at B=1 and 2; the interpreter is slow
     monkeypatch.setattr(decode, "SMOKE", decode.Config(4, 2, 16, (1, 2), (16,), (4,), 8))
-    assert decode.main(["--smoke", "--out", str(tmp_path), "--backends", "triton", "--warmup-ms", "0",
-                        "--rep-ms", "1"]) == 0
+    assert (
+        decode.main(["--smoke", "--out", str(tmp_path), "--backends", "triton", "--warmup-ms", "0", "--rep-ms", "1"])
+        == 0
+    )
     records = load(tmp_path / "decode.json")
     rows = [r for r in records if r["kind"] == "decode" and r["method"] == "variant_nosplit"]
     assert rows and all(r["correct"] for r in rows)

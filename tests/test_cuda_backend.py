@@ -12,8 +12,8 @@ import tempfile
 
 import pytest
 import torch
-
 from helpers import TOLERANCE, Case, rel_err
+
 from prefixattn import prefix_attention, prefix_attention_reference
 from prefixattn.kernels import cuda_backend, cuda_ext
 from prefixattn.validation import validate
@@ -49,8 +49,10 @@ def ext():
 # CPU: build, import, refusal
 
 
-@pytest.mark.skipif(_nvcc() is None or os.environ.get("PREFIXATTN_BUILD_CUDA") == "0",
-                    reason="no nvcc (or PREFIXATTN_BUILD_CUDA=0): the package runs without the extension")
+@pytest.mark.skipif(
+    _nvcc() is None or os.environ.get("PREFIXATTN_BUILD_CUDA") == "0",
+    reason="no nvcc (or PREFIXATTN_BUILD_CUDA=0): the package runs without the extension",
+)
 def test_extension_builds_and_imports_when_nvcc_is_found():
     if cuda_ext.load() is not None:
         C = cuda_ext.load()
@@ -61,11 +63,19 @@ def test_extension_builds_and_imports_when_nvcc_is_found():
         env = dict(os.environ, PREFIXATTN_BUILD_CUDA="1")
         build = subprocess.run(
             [sys.executable, "setup.py", "-q", "build_ext", "--build-lib", tmp, "--build-temp", os.path.join(tmp, "t")],
-            cwd=ROOT, env=env, capture_output=True, text=True)
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         assert build.returncode == 0, build.stdout + build.stderr
         probe = subprocess.run(
             [sys.executable, "-c", "import prefixattn._C as C; print(C.device_count(), C.runtime_version())"],
-            cwd=tmp, env=dict(os.environ, PYTHONPATH=tmp), capture_output=True, text=True)
+            cwd=tmp,
+            env=dict(os.environ, PYTHONPATH=tmp),
+            capture_output=True,
+            text=True,
+        )
         assert probe.returncode == 0, probe.stderr
 
 
@@ -122,13 +132,16 @@ def test_cuda_backend_on_cpu_tensors_is_refused_naming_the_reason():
 
 
 @needs_ext
-@pytest.mark.parametrize("over, reason", [
-    (dict(dtype=torch.float32), "dtype torch.float32 is not supported"),
-    (dict(head_dim=96), "head dim 96 is not supported"),
-    (dict(seqlen_q=17, seqlen_k=20), "at most 16 query rows"),
-    (dict(needs_grad=True), "inference only"),
-    (dict(bias=True), "attn_bias is not supported"),
-])
+@pytest.mark.parametrize(
+    "over, reason",
+    [
+        (dict(dtype=torch.float32), "dtype torch.float32 is not supported"),
+        (dict(head_dim=96), "head dim 96 is not supported"),
+        (dict(seqlen_q=17, seqlen_k=20), "at most 16 query rows"),
+        (dict(needs_grad=True), "inference only"),
+        (dict(bias=True), "attn_bias is not supported"),
+    ],
+)
 def test_unsupported_reasons(over, reason):
     dtype = over.pop("dtype", torch.float16)
     needs_grad = over.pop("needs_grad", False)
@@ -164,12 +177,15 @@ def test_preferred_is_off_until_measured():
     assert cuda_backend.preferred(problem) is False
 
 
-@pytest.mark.parametrize("blocks, keys, dim, expect", [
-    (1024, 2048, 128, 1),   # B=128, Hkv=8: the grid already fills the GPU
-    (8, 2048, 128, None),   # B=1: split the keys
-    (8, 40, 128, 1),        # too few keys to split
-    (56, 4611, 64, None),
-])
+@pytest.mark.parametrize(
+    "blocks, keys, dim, expect",
+    [
+        (1024, 2048, 128, 1),  # B=128, Hkv=8: the grid already fills the GPU
+        (8, 2048, 128, None),  # B=1: split the keys
+        (8, 40, 128, 1),  # too few keys to split
+        (56, 4611, 64, None),
+    ],
+)
 def test_num_splits_heuristic(blocks, keys, dim, expect):
     s = cuda_backend.num_splits(blocks, keys, dim, sms=132)
     assert 1 <= s <= cuda_backend.MAX_SPLITS
@@ -222,20 +238,31 @@ def test_marshalling_passes_the_extension_checks_on_cpu(monkeypatch, paged, pref
             real.decode(p, stream, device)
 
     monkeypatch.setattr(cuda_ext, "load", lambda: Recorder)
-    case = Case(batch=3, heads_q=8, heads_kv=2, seqlen_q=2, seqlen_k=37, head_dim=64,
-                prefix_len=0 if prefix == "none" else 7, pool=3 if prefix == "pool" else 0, lengths=prefix == "pool",
-                noncontiguous=True)
+    case = Case(
+        batch=3,
+        heads_q=8,
+        heads_kv=2,
+        seqlen_q=2,
+        seqlen_k=37,
+        head_dim=64,
+        prefix_len=0 if prefix == "none" else 7,
+        pool=3 if prefix == "pool" else 0,
+        lengths=prefix == "pool",
+        noncontiguous=True,
+    )
     (q, k, v, pk, pv), args = _problem(case, torch.bfloat16)
     with pytest.raises(RuntimeError, match="CUDA"):
         if paged:
             kc = torch.zeros(11, 16, 2, 64, dtype=torch.bfloat16)
             bt = torch.arange(9, dtype=torch.int32).view(3, 3)
             sl = torch.tensor([5, 48, 20], dtype=torch.int32)
-            cuda_backend.paged_decode(q, kc, kc.clone(), bt, sl, pk, pv, args.get("prefix_index"),
-                                      args.get("prefix_lengths"), 0.125)
+            cuda_backend.paged_decode(
+                q, kc, kc.clone(), bt, sl, pk, pv, args.get("prefix_index"), args.get("prefix_lengths"), 0.125
+            )
         else:
-            cuda_backend.decode(q, k, v, pk, pv, args.get("prefix_index"), args.get("prefix_lengths"), None,
-                                True, 0.125)
+            cuda_backend.decode(
+                q, k, v, pk, pv, args.get("prefix_index"), args.get("prefix_lengths"), None, True, 0.125
+            )
     p = seen["p"]
     assert (p.batch, p.heads_q, p.heads_kv, p.seqlen_q, p.head_dim, p.dtype) == (3, 8, 2, 2, 64, 1)
     assert (p.q_sb, p.q_sh, p.q_ss) == q.stride()[:3]
@@ -263,8 +290,10 @@ def _reference(q, k, v, pk, pv, **args):
 
 # (B, Sk, P) x GQA x dtype x prefix form: every value of every factor, cycled against the others.
 _GRID = [(b, sk, p) for b in (1, 7, 64) for sk in (1, 300, 4099) for p in (0, 16, 512)]
-_CONTIG = [(b, sk, p, (1, 4, 8)[i % 3], (torch.float16, torch.bfloat16)[i % 2], ("shared", "pool")[(i // 2) % 2])
-           for i, (b, sk, p) in enumerate(_GRID)]
+_CONTIG = [
+    (b, sk, p, (1, 4, 8)[i % 3], (torch.float16, torch.bfloat16)[i % 2], ("shared", "pool")[(i // 2) % 2])
+    for i, (b, sk, p) in enumerate(_GRID)
+]
 
 
 def _ids(cases):
@@ -275,9 +304,18 @@ def _ids(cases):
 @pytest.mark.usefixtures("ext")
 @pytest.mark.parametrize("B, Sk, P, G, dtype, form", _CONTIG, ids=_ids(_CONTIG))
 def test_contiguous_matches_reference(B, Sk, P, G, dtype, form):
-    case = Case(batch=B, heads_q=2 * G, heads_kv=2, seqlen_q=1, seqlen_k=Sk, head_dim=128 if B != 7 else 64,
-                prefix_len=P, pool=3 if form == "pool" else 0, lengths=form == "pool" and B == 7,
-                noncontiguous=B == 64)
+    case = Case(
+        batch=B,
+        heads_q=2 * G,
+        heads_kv=2,
+        seqlen_q=1,
+        seqlen_k=Sk,
+        head_dim=128 if B != 7 else 64,
+        prefix_len=P,
+        pool=3 if form == "pool" else 0,
+        lengths=form == "pool" and B == 7,
+        noncontiguous=B == 64,
+    )
     (q, k, v, pk, pv), args = _problem(case, dtype, DEV)
     out, lse = prefix_attention(q, k, v, pk, pv, backend="cuda", return_lse=True, **args)
     ref_out, ref_lse = _reference(q, k, v, pk, pv, **args)
@@ -288,20 +326,40 @@ def test_contiguous_matches_reference(B, Sk, P, G, dtype, form):
 @pytest.mark.gpu
 @pytest.mark.usefixtures("ext")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("case", [
-    Case(batch=3, heads_q=8, heads_kv=2, seqlen_q=4, seqlen_k=77, head_dim=128, prefix_len=9),      # Sq > 1
-    Case(batch=2, heads_q=16, heads_kv=2, seqlen_q=4, seqlen_k=300, head_dim=64, prefix_len=16),    # 2 row groups
-    Case(batch=2, heads_q=8, heads_kv=2, seqlen_q=16, seqlen_k=40, head_dim=128, prefix_len=5, pool=2),  # 4 row groups
-    Case(batch=5, heads_q=4, heads_kv=4, seqlen_q=3, seqlen_k=150, head_dim=64, prefix_len=12, padding="random"),
-    Case(batch=5, heads_q=8, heads_kv=2, seqlen_q=2, seqlen_k=90, head_dim=128, prefix_len=0, padding="left"),
-    Case(batch=4, heads_q=8, heads_kv=1, seqlen_q=5, seqlen_k=33, head_dim=64, prefix_len=7, causal=False),
-    Case(batch=4, heads_q=4, heads_kv=2, seqlen_q=3, seqlen_k=2, head_dim=64, prefix_len=6, causal=False),  # Sq > Sk
-    Case(batch=6, heads_q=4, heads_kv=2, seqlen_q=1, seqlen_k=64, head_dim=128, prefix_len=8, pool=4, lengths=True,
-         noncontiguous=True),
-    # prefix only
-    Case(batch=3, heads_q=4, heads_kv=2, seqlen_q=1, seqlen_k=0, head_dim=64, prefix_len=20, causal=False),
-], ids=lambda c: f"B{c.batch}-G{c.heads_q // c.heads_kv}-Sq{c.seqlen_q}-Sk{c.seqlen_k}-D{c.head_dim}-P{c.prefix_len}"
-                 f"-pool{c.pool}-{c.padding}-causal{int(c.causal)}")
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case(batch=3, heads_q=8, heads_kv=2, seqlen_q=4, seqlen_k=77, head_dim=128, prefix_len=9),  # Sq > 1
+        Case(batch=2, heads_q=16, heads_kv=2, seqlen_q=4, seqlen_k=300, head_dim=64, prefix_len=16),  # 2 row groups
+        Case(
+            batch=2, heads_q=8, heads_kv=2, seqlen_q=16, seqlen_k=40, head_dim=128, prefix_len=5, pool=2
+        ),  # 4 row groups
+        Case(batch=5, heads_q=4, heads_kv=4, seqlen_q=3, seqlen_k=150, head_dim=64, prefix_len=12, padding="random"),
+        Case(batch=5, heads_q=8, heads_kv=2, seqlen_q=2, seqlen_k=90, head_dim=128, prefix_len=0, padding="left"),
+        Case(batch=4, heads_q=8, heads_kv=1, seqlen_q=5, seqlen_k=33, head_dim=64, prefix_len=7, causal=False),
+        Case(
+            batch=4, heads_q=4, heads_kv=2, seqlen_q=3, seqlen_k=2, head_dim=64, prefix_len=6, causal=False
+        ),  # Sq > Sk
+        Case(
+            batch=6,
+            heads_q=4,
+            heads_kv=2,
+            seqlen_q=1,
+            seqlen_k=64,
+            head_dim=128,
+            prefix_len=8,
+            pool=4,
+            lengths=True,
+            noncontiguous=True,
+        ),
+        # prefix only
+        Case(batch=3, heads_q=4, heads_kv=2, seqlen_q=1, seqlen_k=0, head_dim=64, prefix_len=20, causal=False),
+    ],
+    ids=lambda c: (
+        f"B{c.batch}-G{c.heads_q // c.heads_kv}-Sq{c.seqlen_q}-Sk{c.seqlen_k}-D{c.head_dim}-P{c.prefix_len}"
+        f"-pool{c.pool}-{c.padding}-causal{int(c.causal)}"
+    ),
+)
 def test_contiguous_special_cases(case, dtype):
     (q, k, v, pk, pv), args = _problem(case, dtype, DEV)
     out, lse = prefix_attention(q, k, v, pk, pv, backend="cuda", return_lse=True, **args)
@@ -315,8 +373,9 @@ def test_contiguous_special_cases(case, dtype):
 def test_forced_split_counts_agree(splits):
     case = Case(batch=3, heads_q=8, heads_kv=2, seqlen_q=2, seqlen_k=700, head_dim=128, prefix_len=33, pool=2)
     (q, k, v, pk, pv), args = _problem(case, torch.bfloat16, DEV)
-    out, lse = cuda_backend.decode(q, k, v, pk, pv, args["prefix_index"], None, None, True, 128 ** -0.5,
-                                   num_splits=splits)
+    out, lse = cuda_backend.decode(
+        q, k, v, pk, pv, args["prefix_index"], None, None, True, 128**-0.5, num_splits=splits
+    )
     ref_out, ref_lse = _reference(q, k, v, pk, pv, **args)
     _check(out, lse, ref_out, ref_lse, torch.bfloat16, f"splits={splits}")
 
@@ -360,8 +419,17 @@ def _paged(B, Hq, Hkv, Sq, D, P, pool, page_size, max_pages, dtype, *, lengths=N
             pidx = torch.randint(-1, pool, (B,), generator=g)
             pidx[0] = 0
     dev = lambda t: t.to(DEV) if t is not None else None  # noqa: E731
-    return dict(q=dev(q), k_cache=dev(kc), v_cache=dev(vc), block_table=dev(bt), seq_lens=dev(lengths.to(torch.int32)),
-                prefix_k=dev(pk), prefix_v=dev(pv), prefix_index=dev(pidx), prefix_lengths=None)
+    return dict(
+        q=dev(q),
+        k_cache=dev(kc),
+        v_cache=dev(vc),
+        block_table=dev(bt),
+        seq_lens=dev(lengths.to(torch.int32)),
+        prefix_k=dev(pk),
+        prefix_v=dev(pv),
+        prefix_index=dev(pidx),
+        prefix_lengths=None,
+    )
 
 
 def _paged_reference(paged, prefix_index=None):
@@ -386,12 +454,23 @@ def _paged_reference(paged, prefix_index=None):
     d = lambda t: t.double() if t is not None else None  # noqa: E731
     pidx = prefix_index if prefix_index is not None else paged["prefix_index"]
     extra = {"prefix_index": pidx.to(q.device)} if pidx is not None else {}
-    return prefix_attention_reference(d(q), k, v, d(paged["prefix_k"]), d(paged["prefix_v"]), causal=True,
-                                      key_padding_mask=valid, return_lse=True, **extra)
+    return prefix_attention_reference(
+        d(q),
+        k,
+        v,
+        d(paged["prefix_k"]),
+        d(paged["prefix_v"]),
+        causal=True,
+        key_padding_mask=valid,
+        return_lse=True,
+        **extra,
+    )
 
 
-_PAGED = [(b, sk, p, (4, 8, 1)[i % 3], (torch.bfloat16, torch.float16)[i % 2], ("pool", "shared")[(i // 2) % 2])
-          for i, (b, sk, p) in enumerate(_GRID)]
+_PAGED = [
+    (b, sk, p, (4, 8, 1)[i % 3], (torch.bfloat16, torch.float16)[i % 2], ("pool", "shared")[(i // 2) % 2])
+    for i, (b, sk, p) in enumerate(_GRID)
+]
 
 
 @pytest.mark.gpu
@@ -401,7 +480,7 @@ def test_paged_matches_reference(B, Sk, P, G, dtype, form):
     page_size = 16 if B != 7 else 24  # 24: not a power of two
     D = 128 if B != 7 else 64
     paged = _paged(B, 2 * G, 2, 1, D, P, 3 if form == "pool" else 0, page_size, -(-Sk // page_size), dtype)
-    out, lse = cuda_backend.paged_decode(scale=D ** -0.5, **paged)
+    out, lse = cuda_backend.paged_decode(scale=D**-0.5, **paged)
     ref_out, ref_lse = _paged_reference(paged)
     _check(out, lse, ref_out, ref_lse, dtype, f"paged B={B} Sk={Sk} P={P}")
 
@@ -424,15 +503,17 @@ def test_paged_bad_values_never_read_out_of_bounds():
     the reference of that reading. benchmarks/cuda_memcheck.py runs such calls under compute-sanitizer."""
     paged = _paged(4, 8, 2, 1, 128, 6, 2, 16, 3, torch.float16, seed=2, lengths=torch.tensor([10, 40, 1000, -3]))
     bt = paged["block_table"].cpu()
-    bt[0, 0], bt[1, 1], bt[2, 2] = -7, int(bt.max()) + 100, 2 ** 31 - 1
+    bt[0, 0], bt[1, 1], bt[2, 2] = -7, int(bt.max()) + 100, 2**31 - 1
     paged["block_table"] = bt.to(DEV)
     paged["prefix_index"] = torch.tensor([0, 5, -4, 1], device=DEV)
-    for over, msg in ((dict(), "^seq_lens: expected values in \\[0, 48\\]"),
-                      (dict(seq_lens=torch.tensor([10, 40, 48, 0], device=DEV)), "^block_table: expected page ids"),
-                      (dict(seq_lens=torch.tensor([0, 16, 32, 0], device=DEV)), "^prefix_index: expected values")):
+    for over, msg in (
+        (dict(), "^seq_lens: expected values in \\[0, 48\\]"),
+        (dict(seq_lens=torch.tensor([10, 40, 48, 0], device=DEV)), "^block_table: expected page ids"),
+        (dict(seq_lens=torch.tensor([0, 16, 32, 0], device=DEV)), "^prefix_index: expected values"),
+    ):
         with pytest.raises(ValueError, match=msg):  # the opt-in host-side checks name the bad value
             cuda_backend.paged_decode(scale=1.0, validate_values=True, **{**paged, **over})
-    out, lse = cuda_backend.paged_decode(scale=128 ** -0.5, **paged)
+    out, lse = cuda_backend.paged_decode(scale=128**-0.5, **paged)
     torch.cuda.synchronize()
     assert not torch.isnan(out).any()
     ref_out, ref_lse = _paged_reference(paged, prefix_index=torch.tensor([0, -1, -1, 1]))
@@ -475,7 +556,7 @@ def test_bad_inputs_raise_before_launch():
 def test_cuda_graph_capture_and_replay(paged_form):
     if paged_form:
         paged = _paged(3, 8, 2, 1, 128, 16, 2, 16, 8, torch.bfloat16, seed=3)
-        run = lambda: cuda_backend.paged_decode(scale=128 ** -0.5, **paged)  # noqa: E731
+        run = lambda: cuda_backend.paged_decode(scale=128**-0.5, **paged)  # noqa: E731
     else:
         case = Case(batch=3, heads_q=8, heads_kv=2, seqlen_q=1, seqlen_k=300, head_dim=128, prefix_len=16, pool=2)
         (q, k, v, pk, pv), args = _problem(case, torch.bfloat16, DEV)

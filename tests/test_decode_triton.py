@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TOLERANCE, Case, rel_err
 
 import prefixattn
-from helpers import TOLERANCE, Case, rel_err
 from prefixattn.kernels import triton_decode as td
 
 
@@ -46,8 +46,9 @@ def _run(case: Case, dtype, device, *, return_inputs=False, **force):
     if case.noncontiguous:
         assert not cast(q).is_contiguous() and not cast(k).is_contiguous()
     with td.force(**force):
-        out, lse = prefixattn.prefix_attention(cast(q), cast(k), cast(v), cast(pk), cast(pv), return_lse=True,
-                                               backend="triton", **args)
+        out, lse = prefixattn.prefix_attention(
+            cast(q), cast(k), cast(v), cast(pk), cast(pv), return_lse=True, backend="triton", **args
+        )
     assert out.shape == ref.shape and out.dtype == dtype
     assert out.transpose(1, 2).is_contiguous(), "out must be [B, Sq, Hq, D] memory viewed as [B, Hq, Sq, D]"
     assert lse.dtype == torch.float32 and lse.shape == ref_lse.shape
@@ -58,6 +59,7 @@ def _run(case: Case, dtype, device, *, return_inputs=False, **force):
 
 
 # --- query length x GQA ratio, shared prefix, both prefix paths --------------------------------------
+
 
 @pytest.mark.parametrize("sq", [1, 2, 5, 16])
 @pytest.mark.parametrize("group", [1, 4, 8])
@@ -73,11 +75,13 @@ def test_query_len_and_gqa(sq, group, path, device, plans):
 
 # --- pools ------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("path", ["fused", "cascade"])
 @pytest.mark.parametrize("sq", [1, 3])
 def test_pool_mixed_lengths_and_missing_entries(path, sq, device, plans):
-    case = Case(batch=5, heads_q=8, heads_kv=2, seqlen_q=sq, seqlen_k=23, head_dim=16, prefix_len=9, pool=3,
-                lengths=True)
+    case = Case(
+        batch=5, heads_q=8, heads_kv=2, seqlen_q=sq, seqlen_k=23, head_dim=16, prefix_len=9, pool=3, lengths=True
+    )
     _run(case, torch.float32, device, path=path, splits=2, block_n=16)
     assert plans[-1].cascade == (path == "cascade") and plans[-1].num_splits == 2
 
@@ -90,6 +94,7 @@ def test_pool_cascade_groups_span_several_tiles(device, plans):
 
 
 # --- masking, lengths, layouts -----------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("path", ["fused", "cascade"])
 @pytest.mark.parametrize("padding", ["left", "random"])
@@ -111,8 +116,7 @@ def test_noncausal_short_queries_longer_than_keys(device):
 
 @pytest.mark.parametrize("path", ["fused", "cascade"])
 def test_noncontiguous_inputs(path, device):
-    case = Case(batch=2, heads_q=8, heads_kv=2, seqlen_q=3, seqlen_k=21, head_dim=32, prefix_len=5,
-                noncontiguous=True)
+    case = Case(batch=2, heads_q=8, heads_kv=2, seqlen_q=3, seqlen_k=21, head_dim=32, prefix_len=5, noncontiguous=True)
     _run(case, torch.float32, device, path=path, block_n=16)
 
 
@@ -123,12 +127,23 @@ def test_head_dim_not_a_power_of_two(device):
 
 @pytest.mark.parametrize("path", ["fused", "cascade"])
 def test_float16(path, device):
-    case = Case(batch=3, heads_q=8, heads_kv=2, seqlen_q=2, seqlen_k=41, head_dim=32, prefix_len=11, pool=2,
-                lengths=True, padding="left")
+    case = Case(
+        batch=3,
+        heads_q=8,
+        heads_kv=2,
+        seqlen_q=2,
+        seqlen_k=41,
+        head_dim=32,
+        prefix_len=11,
+        pool=2,
+        lengths=True,
+        padding="left",
+    )
     _run(case, torch.float16, device, path=path, splits=2, block_n=16)
 
 
 # --- splits ------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("path", ["fused", "cascade"])
 @pytest.mark.parametrize("splits", [2, 3, 7])
@@ -149,6 +164,7 @@ def test_planner_splits_small_batches(device, plans):
 
 # --- empty rows and unchecked indices ------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("path", ["fused", "cascade"])
 def test_empty_rows_give_zeros_and_minus_inf(path, device):
     """Sequence 0 has no prefix (-1) and every key padded: zeros and lse = -inf, never NaN."""
@@ -159,12 +175,21 @@ def test_empty_rows_give_zeros_and_minus_inf(path, device):
     mask = torch.ones(b, sk, dtype=torch.bool)
     mask[0] = False
     args = dict(prefix_index=idx.to(device), key_padding_mask=mask.to(device), causal=False)
-    ref, ref_lse = prefixattn.prefix_attention_reference(q.double(), k.double(), v.double(), pk.double(),
-                                                         pv.double(), return_lse=True,
-                                                         prefix_index=idx, key_padding_mask=mask, causal=False)
+    ref, ref_lse = prefixattn.prefix_attention_reference(
+        q.double(),
+        k.double(),
+        v.double(),
+        pk.double(),
+        pv.double(),
+        return_lse=True,
+        prefix_index=idx,
+        key_padding_mask=mask,
+        causal=False,
+    )
     with td.force(path=path, splits=2, block_n=16):
-        out, lse = prefixattn.prefix_attention(*(t.to(device) for t in (q, k, v, pk, pv)), return_lse=True,
-                                               backend="triton", **args)
+        out, lse = prefixattn.prefix_attention(
+            *(t.to(device) for t in (q, k, v, pk, pv)), return_lse=True, backend="triton", **args
+        )
     assert torch.all(out[0].cpu() == 0) and torch.all(torch.isneginf(lse[0].cpu()))
     assert rel_err(out.cpu(), ref) <= TOLERANCE[torch.float32] and rel_err(lse.cpu(), ref_lse) <= 1e-5
 
@@ -178,15 +203,23 @@ def test_unchecked_pool_indices_and_lengths_are_clamped(path, device):
     bad_idx, bad_len = torch.tensor([5, -3, 0, 1]), torch.tensor([99, -4])
     good_idx, good_len = torch.tensor([-1, -1, 0, 1]), torch.tensor([p, 0])
     ref, ref_lse = prefixattn.prefix_attention_reference(
-        q.double(), k.double(), v.double(), pk.double(), pv.double(), prefix_index=good_idx,
-        prefix_lengths=good_len, return_lse=True)
+        q.double(),
+        k.double(),
+        v.double(),
+        pk.double(),
+        pv.double(),
+        prefix_index=good_idx,
+        prefix_lengths=good_len,
+        return_lse=True,
+    )
     dev = [t.to(device) for t in (q, k, v, pk, pv, bad_idx, bad_len)]
     with td.force(path=path, block_n=16):
-        out, lse = td.forward(dev[0], dev[1], dev[2], dev[3], dev[4], dev[5], dev[6], None, True, d ** -0.5)
+        out, lse = td.forward(dev[0], dev[1], dev[2], dev[3], dev[4], dev[5], dev[6], None, True, d**-0.5)
     assert rel_err(out.cpu(), ref) <= TOLERANCE[torch.float32] and rel_err(lse.cpu(), ref_lse) <= 1e-5
 
 
 # --- routing and planning (no kernels) ------------------------------------------------------------------
+
 
 def test_handles_short_queries_without_bias():
     q, k = torch.empty(2, 8, 16, 64), torch.empty(2, 2, 40, 64)
@@ -200,13 +233,33 @@ def test_handles_short_queries_without_bias():
 
 def test_forward_refuses_what_it_cannot_serve():
     with pytest.raises(ValueError, match="at most 16 query tokens"):
-        td.forward(torch.empty(1, 2, 17, 32), torch.empty(1, 2, 20, 32), torch.empty(1, 2, 20, 32),
-                   None, None, None, None, None, True, 1.0)
+        td.forward(
+            torch.empty(1, 2, 17, 32),
+            torch.empty(1, 2, 20, 32),
+            torch.empty(1, 2, 20, 32),
+            None,
+            None,
+            None,
+            None,
+            None,
+            True,
+            1.0,
+        )
 
 
 def _cost(batch, sk, p, pool=1, sq=1):
-    return td.prefix_path_cost(batch=batch, heads_kv=8, group=4, seqlen_q=sq, max_keys=sk, head_dim=128,
-                               prefix_len=p, pool_size=pool, elem_size=2, num_sms=132)
+    return td.prefix_path_cost(
+        batch=batch,
+        heads_kv=8,
+        group=4,
+        seqlen_q=sq,
+        max_keys=sk,
+        head_dim=128,
+        prefix_len=p,
+        pool_size=pool,
+        elem_size=2,
+        num_sms=132,
+    )
 
 
 def test_cost_model_picks_cascade_only_where_the_prefix_dominates():
@@ -249,8 +302,14 @@ def test_kernels_compile_for_sm90():
     root = str(Path(prefixattn.__file__).resolve().parents[1])
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    run = subprocess.run([sys.executable, "-m", "prefixattn.kernels._decode_compile_check", "--quick"], env=env,
-                         cwd=root, capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        [sys.executable, "-m", "prefixattn.kernels._decode_compile_check", "--quick"],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     assert run.stdout.count("ok ") == 4
 
@@ -260,8 +319,20 @@ def test_kernels_compile_for_sm90():
 GPU_TOL = TOLERANCE[torch.bfloat16]
 
 
-def _gpu_run(batch, sk, p, pool=0, sq=1, path=None, dtype=torch.bfloat16, heads_q=8, heads_kv=2, head_dim=128,
-             padding=False, strided=False):
+def _gpu_run(
+    batch,
+    sk,
+    p,
+    pool=0,
+    sq=1,
+    path=None,
+    dtype=torch.bfloat16,
+    heads_q=8,
+    heads_kv=2,
+    head_dim=128,
+    padding=False,
+    strided=False,
+):
     """Inputs drawn on the GPU in the kernel dtype; the reference runs on float64 copies of those values."""
     g = torch.Generator(device="cuda").manual_seed(batch * 7919 + sk * 31 + p)
 
@@ -269,10 +340,15 @@ def _gpu_run(batch, sk, p, pool=0, sq=1, path=None, dtype=torch.bfloat16, heads_
         return torch.randn(*shape, generator=g, device="cuda", dtype=torch.float32).to(dtype)
 
     if strided:  # [B, S, H, D] memory viewed as [B, H, S, D], as transformers passes it
-        q, k, v = (rnd(batch, n, h, head_dim).transpose(1, 2)
-                   for n, h in ((sq, heads_q), (sk, heads_kv), (sk, heads_kv)))
+        q, k, v = (
+            rnd(batch, n, h, head_dim).transpose(1, 2) for n, h in ((sq, heads_q), (sk, heads_kv), (sk, heads_kv))
+        )
     else:
-        q, k, v = rnd(batch, heads_q, sq, head_dim), rnd(batch, heads_kv, sk, head_dim), rnd(batch, heads_kv, sk, head_dim)
+        q, k, v = (
+            rnd(batch, heads_q, sq, head_dim),
+            rnd(batch, heads_kv, sk, head_dim),
+            rnd(batch, heads_kv, sk, head_dim),
+        )
     args = {}
     pk = pv = None
     if p:

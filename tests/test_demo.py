@@ -32,11 +32,14 @@ def test_cli_dispatches_demo(capsys):
     assert "--prefix-length" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv,match", [
-    (["--model", "/nonexistent/model"], "--model: '/nonexistent/model' is not a directory"),
-    (["--steps", "0"], "--steps: expected a positive int, got 0"),
-    (["--prefix-length", "-1"], "--prefix-length: expected a positive int"),
-])
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["--model", "/nonexistent/model"], "--model: '/nonexistent/model' is not a directory"),
+        (["--steps", "0"], "--steps: expected a positive int, got 0"),
+        (["--prefix-length", "-1"], "--prefix-length: expected a positive int"),
+    ],
+)
 def test_bad_arguments_give_one_clear_line(argv, match, capsys):
     assert demo.main(argv) == 2
     err = capsys.readouterr().err
@@ -54,8 +57,17 @@ def test_model_path_local_checkpoint_and_unsupported_type(tmp_path, capsys):
     assert rc == 0, out + err
     assert "GPT2LMHeadModel from" in out and "outputs identical: True" in out
 
-    opt = tf.OPTForCausalLM(tf.OPTConfig(vocab_size=48, hidden_size=16, num_hidden_layers=1, ffn_dim=32,
-                                         num_attention_heads=2, max_position_embeddings=32, word_embed_proj_dim=16))
+    opt = tf.OPTForCausalLM(
+        tf.OPTConfig(
+            vocab_size=48,
+            hidden_size=16,
+            num_hidden_layers=1,
+            ffn_dim=32,
+            num_attention_heads=2,
+            max_position_embeddings=32,
+            word_embed_proj_dim=16,
+        )
+    )
     opt.save_pretrained(str(tmp_path / "opt"))
     assert demo.main(["--model", str(tmp_path / "opt"), "--steps", "5"]) == 2
     err = capsys.readouterr().err

@@ -8,10 +8,10 @@ import types
 
 import pytest
 import torch
+from helpers import Case, grads_of, rel_err
 
 import prefixattn
 import prefixattn.kernels as kernels
-from helpers import Case, grads_of, rel_err
 from prefixattn import prefix_attention, prefix_attention_reference
 
 
@@ -19,9 +19,20 @@ def _reference_backend():
     """A backend module with the kernel interface, computed by the reference (float64 inside)."""
 
     def forward(q, k, v, pk, pv, pidx, plen, kpm, bias, causal, scale):
-        out, lse = prefix_attention_reference(q, k, v, pk, pv, prefix_index=pidx, prefix_lengths=plen,
-                                              causal=causal, key_padding_mask=kpm, softmax_scale=scale,
-                                              attn_bias=bias, return_lse=True)
+        out, lse = prefix_attention_reference(
+            q,
+            k,
+            v,
+            pk,
+            pv,
+            prefix_index=pidx,
+            prefix_lengths=plen,
+            causal=causal,
+            key_padding_mask=kpm,
+            softmax_scale=scale,
+            attn_bias=bias,
+            return_lse=True,
+        )
         b, h, s, d = q.shape
         mem = torch.empty(b, s, h, d, dtype=out.dtype)
         mem.copy_(out.transpose(1, 2))
@@ -71,8 +82,12 @@ def _reference_backend():
             dpk, dpv = dpk.to(pk.dtype), dpv.to(pv.dtype)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dpk, dpv
 
-    return types.SimpleNamespace(forward=forward, backward=backward, new_out=kernels.bshd_empty,
-                                 unsupported_reason=lambda problem, needs_grad, deterministic=True: None)
+    return types.SimpleNamespace(
+        forward=forward,
+        backward=backward,
+        new_out=kernels.bshd_empty,
+        unsupported_reason=lambda problem, needs_grad, deterministic=True: None,
+    )
 
 
 @pytest.fixture
@@ -91,8 +106,11 @@ def test_auto_picks_reference_on_cpu():
     assert rel_err(out, prefix_attention_reference(q, k, v, pk, pv, **args)) == 0
 
 
-@pytest.mark.parametrize("case", [Case(), Case(pool=3, lengths=True, batch=3, padding="left"), Case(prefix_len=0)],
-                         ids=["shared", "pool", "noprefix"])
+@pytest.mark.parametrize(
+    "case",
+    [Case(), Case(pool=3, lengths=True, batch=3, padding="left"), Case(prefix_len=0)],
+    ids=["shared", "pool", "noprefix"],
+)
 def test_custom_op_autograd_matches_reference(fake_triton, case):
     (q, k, v, pk, pv), args = case.make()
     g_out = torch.randn(q.shape, dtype=torch.float64)
@@ -153,20 +171,42 @@ def test_public_api():
     assert prefixattn.__version__
 
 
-@pytest.mark.parametrize("case", [
-    Case(heads_q=4, heads_kv=2, seqlen_q=21, seqlen_k=21, prefix_len=9),
-    Case(heads_q=4, heads_kv=2, seqlen_q=21, seqlen_k=21, prefix_len=9, noncontiguous=True),
-    Case(heads_q=8, heads_kv=2, seqlen_q=1, seqlen_k=40, prefix_len=9),  # the decode kernels' route
-    Case(heads_q=4, heads_kv=2, seqlen_q=3, seqlen_k=30, prefix_len=0, noncontiguous=True),
-], ids=["train", "hf-layout", "decode", "short-noprefix"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case(heads_q=4, heads_kv=2, seqlen_q=21, seqlen_k=21, prefix_len=9),
+        Case(heads_q=4, heads_kv=2, seqlen_q=21, seqlen_k=21, prefix_len=9, noncontiguous=True),
+        Case(heads_q=8, heads_kv=2, seqlen_q=1, seqlen_k=40, prefix_len=9),  # the decode kernels' route
+        Case(heads_q=4, heads_kv=2, seqlen_q=3, seqlen_k=30, prefix_len=0, noncontiguous=True),
+    ],
+    ids=["train", "hf-layout", "decode", "short-noprefix"],
+)
 def test_triton_custom_ops_declare_their_real_layouts(case):
     """opcheck: the fake implementations (what torch.compile plans with) give the real outputs' shapes,
     dtypes and strides, forward and backward, on both the training and the decode kernels."""
     (q, k, v, pk, pv), args = case.make(requires_grad=False)
     fwd_args = (q, k, v, pk, pv, None, None, None, None, args["causal"], 0.2, "triton", True)
-    torch.library.opcheck(torch.ops.prefixattn.attention_fwd.default, fwd_args,
-                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(
+        torch.ops.prefixattn.attention_fwd.default, fwd_args, test_utils=("test_schema", "test_faketensor")
+    )
     o, lse = torch.ops.prefixattn.attention_fwd.default(*fwd_args)
-    bwd_args = (torch.randn_like(o), None, q, k, v, pk, pv, None, None, None, None, o, lse, args["causal"], 0.2,
-                "triton", True)
+    bwd_args = (
+        torch.randn_like(o),
+        None,
+        q,
+        k,
+        v,
+        pk,
+        pv,
+        None,
+        None,
+        None,
+        None,
+        o,
+        lse,
+        args["causal"],
+        0.2,
+        "triton",
+        True,
+    )
     torch.library.opcheck(torch.ops.prefixattn.attention_bwd.default, bwd_args, test_utils=("test_faketensor",))

@@ -19,8 +19,9 @@ def test_docstring_example_and_reference_equality():
     mask = torch.ones(2, 7, dtype=torch.bool)
     mask[0, :2] = False
     out = attn(q, k, v, key_padding_mask=mask)
-    ref = prefix_attention_reference(q.double(), k.double(), v.double(), attn.prefix_k.double(),
-                                     attn.prefix_v.double(), key_padding_mask=mask)
+    ref = prefix_attention_reference(
+        q.double(), k.double(), v.double(), attn.prefix_k.double(), attn.prefix_v.double(), key_padding_mask=mask
+    )
     assert out.shape == (2, 4, 7, 16)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
 
@@ -44,8 +45,8 @@ def test_pool_passed_at_call_time():
     for row, i in enumerate(idx.tolist()):
         pk = None if i < 0 else pool_k[i, :, : (4 if i == 0 else 2)]
         pv = None if i < 0 else pool_v[i, :, : (4 if i == 0 else 2)]
-        alone = prefix_attention_reference(q[row:row + 1], k[row:row + 1], v[row:row + 1], pk, pv, causal=False)
-        torch.testing.assert_close(out[row:row + 1], alone, rtol=1e-5, atol=1e-5)
+        alone = prefix_attention_reference(q[row : row + 1], k[row : row + 1], v[row : row + 1], pk, pv, causal=False)
+        torch.testing.assert_close(out[row : row + 1], alone, rtol=1e-5, atol=1e-5)
     no_prefix = attn(q, k, v)
     torch.testing.assert_close(no_prefix, prefix_attention_reference(q, k, v, causal=False), rtol=1e-5, atol=1e-5)
 

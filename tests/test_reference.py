@@ -5,13 +5,25 @@ import math
 
 import pytest
 import torch
-
 from helpers import Case, rel_err
+
 from prefixattn import prefix_attention_reference as ref
 
 
-def brute_force(q, k, v, pk, pv, *, prefix_index=None, prefix_lengths=None, causal=True,
-                key_padding_mask=None, softmax_scale=None, attn_bias=None):
+def brute_force(
+    q,
+    k,
+    v,
+    pk,
+    pv,
+    *,
+    prefix_index=None,
+    prefix_lengths=None,
+    causal=True,
+    key_padding_mask=None,
+    softmax_scale=None,
+    attn_bias=None,
+):
     """Loop over (batch, head, query): concatenate this sequence's valid prefix keys, mask by hand."""
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
@@ -38,8 +50,8 @@ def brute_force(q, k, v, pk, pv, *, prefix_index=None, prefix_lengths=None, caus
                         continue
                     if key_padding_mask is not None and not key_padding_mask[b, j]:
                         continue
-                    keys.append(k[b, g, j:j + 1].double())
-                    vals.append(v[b, g, j:j + 1].double())
+                    keys.append(k[b, g, j : j + 1].double())
+                    vals.append(v[b, g, j : j + 1].double())
                     extra = 0.0 if attn_bias is None else float(attn_bias.expand(B, Hq, Sq, Sk)[b, h, i, j])
                     bias.append(torch.tensor([extra], dtype=torch.float64))
                 K, V, Bs = torch.cat(keys), torch.cat(vals), torch.cat(bias)
@@ -99,11 +111,25 @@ def test_empty_rows_are_zero_with_finite_gradients():
     assert torch.equal(q.grad[0], torch.zeros_like(q.grad[0]))
 
 
-@pytest.mark.parametrize("case", [Case(batch=2, heads_q=2, heads_kv=1, seqlen_q=4, seqlen_k=5, head_dim=4,
-                                       prefix_len=2, padding="random"),
-                                  Case(batch=3, heads_q=2, heads_kv=2, seqlen_q=3, seqlen_k=3, head_dim=4,
-                                       prefix_len=3, pool=2, lengths=True, causal=False)],
-                         ids=["shared", "pool"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case(batch=2, heads_q=2, heads_kv=1, seqlen_q=4, seqlen_k=5, head_dim=4, prefix_len=2, padding="random"),
+        Case(
+            batch=3,
+            heads_q=2,
+            heads_kv=2,
+            seqlen_q=3,
+            seqlen_k=3,
+            head_dim=4,
+            prefix_len=3,
+            pool=2,
+            lengths=True,
+            causal=False,
+        ),
+    ],
+    ids=["shared", "pool"],
+)
 def test_gradcheck_float64(case):
     (q, k, v, pk, pv), args = case.make()
 
@@ -123,6 +149,8 @@ def test_prefix_gradient_is_sum_over_batch():
     total = torch.zeros_like(pk)
     for b in range(3):
         pkb = pk.detach().clone().requires_grad_(True)
-        ref(q[b:b + 1].detach(), k[b:b + 1].detach(), v[b:b + 1].detach(), pkb, pv.detach(), **args).backward(g[b:b + 1])
+        ref(q[b : b + 1].detach(), k[b : b + 1].detach(), v[b : b + 1].detach(), pkb, pv.detach(), **args).backward(
+            g[b : b + 1]
+        )
         total += pkb.grad
     assert rel_err(pk.grad, total) < 1e-12

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import TOLERANCE, Case, grads_of, rel_err
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import TOLERANCE, Case, grads_of, rel_err
 from prefixattn import prefix_attention
 from prefixattn.reference import prefix_attention_reference
 
@@ -59,8 +59,7 @@ CASES = {
     "noncausal-cross": dict(heads_q=4, heads_kv=2, seqlen_q=13, seqlen_k=50, prefix_len=20, causal=False),
     "decode-like": dict(heads_q=8, heads_kv=2, seqlen_q=1, seqlen_k=33, prefix_len=16, causal=False),
     "decode-causal": dict(heads_q=8, heads_kv=2, seqlen_q=1, seqlen_k=33, prefix_len=16, causal=True),
-    "pool-lengths": dict(batch=5, heads_q=4, heads_kv=2, seqlen_q=19, seqlen_k=19, prefix_len=17, pool=3,
-                         lengths=True),
+    "pool-lengths": dict(batch=5, heads_q=4, heads_kv=2, seqlen_q=19, seqlen_k=19, prefix_len=17, pool=3, lengths=True),
     "hf-layout": dict(heads_q=4, heads_kv=2, seqlen_q=21, seqlen_k=21, prefix_len=9, noncontiguous=True),
     "no-prefix": dict(seqlen_q=17, seqlen_k=17, prefix_len=0),
 }
@@ -73,8 +72,7 @@ def test_matches_reference_float64(name):
 
 
 def test_matches_reference_float32():
-    got, ref = run_both(Case(batch=2, heads_q=4, heads_kv=2, seqlen_q=33, seqlen_k=33, prefix_len=20),
-                        torch.float32)
+    got, ref = run_both(Case(batch=2, heads_q=4, heads_kv=2, seqlen_q=33, seqlen_k=33, prefix_len=20), torch.float32)
     check(got, ref, torch.float32)
 
 
@@ -96,8 +94,21 @@ def test_output_and_gradient_layouts(noncontiguous):
     checks = ("test_schema", "test_autograd_registration", "test_faketensor")
     torch.library.opcheck(torch.ops.prefixattn.attention_fwd.default, fwd_args, test_utils=checks)
     o, lse = torch.ops.prefixattn.attention_fwd.default(*fwd_args)
-    bwd_args = (torch.randn_like(o), None, *[t.detach() for t in tensors], None, None, None, None, o.detach(),
-                lse, True, 0.2, "sdpa", False)
+    bwd_args = (
+        torch.randn_like(o),
+        None,
+        *[t.detach() for t in tensors],
+        None,
+        None,
+        None,
+        None,
+        o.detach(),
+        lse,
+        True,
+        0.2,
+        "sdpa",
+        False,
+    )
     torch.library.opcheck(torch.ops.prefixattn.attention_bwd.default, bwd_args, test_utils=("test_faketensor",))
 
 
@@ -132,13 +143,31 @@ def test_only_prefix_keys():
 
 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(batch=st.integers(1, 3), heads_kv=st.integers(1, 2), group=st.sampled_from([1, 2, 4]),
-       seq=st.integers(1, 40), extra_k=st.integers(0, 20), head_dim=st.sampled_from([16, 24, 32]),
-       prefix_len=st.integers(0, 40), pool=st.integers(0, 2), causal=st.booleans(), seed=st.integers(0, 2**16))
+@given(
+    batch=st.integers(1, 3),
+    heads_kv=st.integers(1, 2),
+    group=st.sampled_from([1, 2, 4]),
+    seq=st.integers(1, 40),
+    extra_k=st.integers(0, 20),
+    head_dim=st.sampled_from([16, 24, 32]),
+    prefix_len=st.integers(0, 40),
+    pool=st.integers(0, 2),
+    causal=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
 def test_random_shapes(batch, heads_kv, group, seq, extra_k, head_dim, prefix_len, pool, causal, seed):
-    case = Case(batch=batch, heads_q=heads_kv * group, heads_kv=heads_kv, seqlen_q=seq,
-                seqlen_k=seq if causal else seq + extra_k, head_dim=head_dim, prefix_len=prefix_len,
-                pool=pool if prefix_len else 0, lengths=pool > 0, causal=causal)
+    case = Case(
+        batch=batch,
+        heads_q=heads_kv * group,
+        heads_kv=heads_kv,
+        seqlen_q=seq,
+        seqlen_k=seq if causal else seq + extra_k,
+        head_dim=head_dim,
+        prefix_len=prefix_len,
+        pool=pool if prefix_len else 0,
+        lengths=pool > 0,
+        causal=causal,
+    )
     got, ref = run_both(case, torch.float64, generator=torch.Generator().manual_seed(seed))
     check(got, ref, torch.float64)
 
@@ -172,8 +201,13 @@ def test_training_needs_deterministic_false():
 
 @pytest.mark.parametrize("what", ["padding", "bias", "causal-nonsquare"])
 def test_refuses_what_the_vendor_kernels_cannot_take(what):
-    case = Case(padding="right") if what == "padding" else Case(seqlen_q=5, seqlen_k=9) \
-        if what == "causal-nonsquare" else Case()
+    case = (
+        Case(padding="right")
+        if what == "padding"
+        else Case(seqlen_q=5, seqlen_k=9)
+        if what == "causal-nonsquare"
+        else Case()
+    )
     (q, k, v, pk, pv), args = case.make(requires_grad=False)
     if what == "bias":
         args["attn_bias"] = torch.zeros(1, 1, case.seqlen_q, case.seqlen_k, dtype=torch.float64)
@@ -226,8 +260,16 @@ def test_gpu_prefers_cudnn_on_hopper():
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the cuDNN preference is asserted for Hopper")
     for layout in ("bhsd", "bshd", "llama"):  # llama: q [B, S, H, D] memory, k and v contiguous (as in HF)
-        case = Case(batch=2, heads_q=8, heads_kv=2, seqlen_q=512, seqlen_k=512, head_dim=128, prefix_len=64,
-                    noncontiguous=layout != "bhsd")
+        case = Case(
+            batch=2,
+            heads_q=8,
+            heads_kv=2,
+            seqlen_q=512,
+            seqlen_k=512,
+            head_dim=128,
+            prefix_len=64,
+            noncontiguous=layout != "bhsd",
+        )
         (q, k, v, _, _), _ = case.make(dtype=torch.bfloat16, device="cuda", requires_grad=False)
         if layout == "llama":
             k, v = k.contiguous(), v.contiguous()

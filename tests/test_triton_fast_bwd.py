@@ -2,7 +2,8 @@
 
 Same checks as tests/test_triton_training.py (float64 reference, same tolerances), on the same cases, plus what is
 specific to the fused path: the dQ kernel is never launched, rows nothing reaches get dq exactly 0, every backend
-accepts the flag. torch.compile and the GPU size/head-dim checks run both paths in tests/test_triton_training.py. On the CPU the kernels run in Triton's interpreter (16 x 16 tiles);
+accepts the flag. torch.compile and the GPU size/head-dim checks run both paths in tests/test_triton_training.py.
+On the CPU the kernels run in Triton's interpreter (16 x 16 tiles);
 bf16 at real sizes is in the @pytest.mark.gpu tests at the end.
 """
 
@@ -12,11 +13,11 @@ import zlib
 
 import pytest
 import torch
-
 from helpers import TOLERANCE, Case, rel_err
+from test_triton_training import CASES, NAMES, check, run_kernels, use_fused_backward
+
 from prefixattn import prefix_attention
 from prefixattn.reference import prefix_attention_reference
-from test_triton_training import CASES, NAMES, check, run_kernels, use_fused_backward
 
 
 @pytest.fixture
@@ -25,9 +26,22 @@ def fused(monkeypatch):
     return use_fused_backward(monkeypatch)
 
 
-FAST_CASES = ["mha", "gqa2", "gqa4-d64", "d128", "no-prefix", "decode-3", "chunked-prefill", "noncausal",
-              "noncausal-sq>sk", "pad-left", "pad-random-noncausal", "pool-lengths", "pool-noncontiguous-pad",
-              "noncontiguous"]
+FAST_CASES = [
+    "mha",
+    "gqa2",
+    "gqa4-d64",
+    "d128",
+    "no-prefix",
+    "decode-3",
+    "chunked-prefill",
+    "noncausal",
+    "noncausal-sq>sk",
+    "pad-left",
+    "pad-random-noncausal",
+    "pool-lengths",
+    "pool-noncontiguous-pad",
+    "noncontiguous",
+]
 
 
 @pytest.mark.parametrize("name", FAST_CASES)
@@ -52,8 +66,18 @@ def test_low_precision(name, dtype, fused):
 @pytest.mark.parametrize("chunks", [1, 5])
 def test_pool_with_unused_entries_and_no_prefix_rows(chunks, fused):
     """Pool with -1 entries and lengths, chunks crossing entries: each row's prefix share is added exactly once."""
-    case = Case(batch=5, heads_q=4, heads_kv=2, seqlen_q=20, seqlen_k=20, head_dim=32, prefix_len=19, pool=3,
-                lengths=True, padding="random")
+    case = Case(
+        batch=5,
+        heads_q=4,
+        heads_kv=2,
+        seqlen_q=20,
+        seqlen_k=20,
+        head_dim=32,
+        prefix_len=19,
+        pool=3,
+        lengths=True,
+        padding="random",
+    )
     g = torch.Generator().manual_seed(11)
     tensors, args = case.make(dtype=torch.float64, requires_grad=False, generator=g)
     args["prefix_index"] = torch.tensor([2, 0, -1, 2, 0])
@@ -64,8 +88,17 @@ def test_pool_with_unused_entries_and_no_prefix_rows(chunks, fused):
 def test_attn_bias_with_neg_inf(fused):
     from test_triton_training import make_bias
 
-    case = Case(batch=2, heads_q=4, heads_kv=2, seqlen_q=19, seqlen_k=27, head_dim=32, prefix_len=6, causal=False,
-                padding="random")
+    case = Case(
+        batch=2,
+        heads_q=4,
+        heads_kv=2,
+        seqlen_q=19,
+        seqlen_k=27,
+        head_dim=32,
+        prefix_len=6,
+        causal=False,
+        padding="random",
+    )
     g = torch.Generator().manual_seed(3)
     tensors, args = case.make(dtype=torch.float64, requires_grad=False, generator=g)
     got, ref = run_kernels(tensors, args, dtype=torch.float64, bias=make_bias(case, "full", torch.float64, generator=g))
@@ -91,8 +124,17 @@ def test_rows_with_nothing_to_attend_get_exact_zero(fused):
 
 def test_padded_keys_with_huge_scores_add_nothing(fused):
     """A padded key whose score would dominate must not leak into dq (its p is masked, not just its dK rows)."""
-    case = Case(batch=2, heads_q=2, heads_kv=2, seqlen_q=20, seqlen_k=20, head_dim=32, prefix_len=3, causal=False,
-                padding="random")
+    case = Case(
+        batch=2,
+        heads_q=2,
+        heads_kv=2,
+        seqlen_q=20,
+        seqlen_k=20,
+        head_dim=32,
+        prefix_len=3,
+        causal=False,
+        padding="random",
+    )
     g = torch.Generator().manual_seed(9)
     (q, k, v, pk, pv), args = case.make(dtype=torch.float64, requires_grad=False, generator=g)
     k = k.clone()
@@ -112,8 +154,9 @@ def test_matches_deterministic_backward():
     out, lse = triton_fwd.forward(q, k, v, pk, pv, *extra, True, 0.2)
     dout = torch.randn_like(out)
     det = triton_bwd.backward(dout, None, q, k, v, pk, pv, *extra, out, lse, True, 0.2, prefix_chunks=4)
-    fast = triton_bwd.backward(dout, None, q, k, v, pk, pv, *extra, out, lse, True, 0.2, prefix_chunks=4,
-                               deterministic=False)
+    fast = triton_bwd.backward(
+        dout, None, q, k, v, pk, pv, *extra, out, lse, True, 0.2, prefix_chunks=4, deterministic=False
+    )
     for name, a, b in zip(NAMES[2:], det, fast):
         assert a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype, name
     assert rel_err(fast[0], det[0]) <= 1e-5
@@ -130,8 +173,19 @@ def _op_grads(tensors, args, **kw):
 
 
 def test_through_op_and_autograd():
-    case = Case(batch=2, heads_q=4, heads_kv=2, seqlen_q=21, seqlen_k=21, head_dim=32, prefix_len=9, pool=2,
-                lengths=True, padding="right", noncontiguous=True)
+    case = Case(
+        batch=2,
+        heads_q=4,
+        heads_kv=2,
+        seqlen_q=21,
+        seqlen_k=21,
+        head_dim=32,
+        prefix_len=9,
+        pool=2,
+        lengths=True,
+        padding="right",
+        noncontiguous=True,
+    )
     tensors, args = case.make(dtype=torch.float32)
     grads, weights = _op_grads(tensors, args, backend="triton", deterministic=False)
     ref_in = [t.detach().double().requires_grad_() for t in tensors]
@@ -205,11 +259,10 @@ def test_gpu_close_to_deterministic_and_empty_rows_zero():
     mask = torch.ones(4, 512, dtype=torch.bool, device="cuda")
     mask[2] = False
     extra = (index, None, mask, None)
-    out, lse = triton_fwd.forward(q, k, v, pk, pv, *extra, True, 128 ** -0.5)
+    out, lse = triton_fwd.forward(q, k, v, pk, pv, *extra, True, 128**-0.5)
     dout = torch.randn_like(out)
-    det = triton_bwd.backward(dout, None, q, k, v, pk, pv, *extra, out, lse, True, 128 ** -0.5)
-    fast = triton_bwd.backward(dout, None, q, k, v, pk, pv, *extra, out, lse, True, 128 ** -0.5,
-                               deterministic=False)
+    det = triton_bwd.backward(dout, None, q, k, v, pk, pv, *extra, out, lse, True, 128**-0.5)
+    fast = triton_bwd.backward(dout, None, q, k, v, pk, pv, *extra, out, lse, True, 128**-0.5, deterministic=False)
     for name, a, b in zip(NAMES[2:], det, fast):
         assert rel_err(b.float(), a.float()) <= 1e-2, name
     assert torch.equal(fast[0][2], torch.zeros_like(fast[0][2]))

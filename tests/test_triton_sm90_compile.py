@@ -32,8 +32,13 @@ def compiled():
     if not (_bundled_tool("ptxas") and _bundled_tool("cuobjdump")):
         pytest.skip("Triton's bundled ptxas/cuobjdump are not available")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "triton_sm90_compile.py"), "--json", *SCENARIOS],
-                          capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(HERE, "triton_sm90_compile.py"), "--json", *SCENARIOS],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

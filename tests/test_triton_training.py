@@ -12,10 +12,10 @@ import zlib
 
 import pytest
 import torch
+from helpers import TOLERANCE, Case, rel_err
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import TOLERANCE, Case, rel_err
 from prefixattn import prefix_attention
 from prefixattn.reference import prefix_attention_reference
 
@@ -46,14 +46,21 @@ def run_kernels(tensors, args, *, dtype, bias=None, grad_lse=True, chunks=None, 
     g = torch.Generator().manual_seed(seed)
     dout = torch.randn(out.shape, generator=g, dtype=torch.float64).to(device=q.device, dtype=q.dtype)
     dlse = torch.randn(lse.shape, generator=g, dtype=torch.float64).to(q.device, lse.dtype) if grad_lse else None
-    grads = triton_bwd.backward(dout, dlse, q, k, v, pk, pv, *extra, out, lse, args["causal"], scale,
-                                prefix_chunks=chunks)
+    grads = triton_bwd.backward(
+        dout, dlse, q, k, v, pk, pv, *extra, out, lse, args["causal"], scale, prefix_chunks=chunks
+    )
 
     ref_in = [t.double().requires_grad_() if t is not None else None for t in (q, k, v, pk, pv)]
     ref_out, ref_lse = prefix_attention_reference(
-        *ref_in, prefix_index=args.get("prefix_index"), prefix_lengths=args.get("prefix_lengths"),
-        causal=args["causal"], key_padding_mask=args.get("key_padding_mask"), softmax_scale=scale,
-        attn_bias=bias.double() if bias is not None else None, return_lse=True)
+        *ref_in,
+        prefix_index=args.get("prefix_index"),
+        prefix_lengths=args.get("prefix_lengths"),
+        causal=args["causal"],
+        key_padding_mask=args.get("key_padding_mask"),
+        softmax_scale=scale,
+        attn_bias=bias.double() if bias is not None else None,
+        return_lse=True,
+    )
     live = [t for t in ref_in if t is not None]
     outs, gouts = [ref_out], [dout.double()]
     if grad_lse:
@@ -91,22 +98,47 @@ CASES = {
     "decode-1": Case(batch=2, heads_q=4, heads_kv=2, seqlen_q=1, seqlen_k=37, head_dim=32, prefix_len=6),
     "decode-3": Case(batch=2, heads_q=2, heads_kv=1, seqlen_q=3, seqlen_k=40, head_dim=32, prefix_len=5),
     "chunked-prefill": Case(batch=2, heads_q=2, heads_kv=2, seqlen_q=17, seqlen_k=40, head_dim=32, prefix_len=9),
-    "noncausal": Case(batch=2, heads_q=2, heads_kv=1, seqlen_q=21, seqlen_k=30, head_dim=32, prefix_len=7,
-                      causal=False),
-    "noncausal-sq>sk": Case(batch=2, heads_q=2, heads_kv=2, seqlen_q=29, seqlen_k=11, head_dim=32, prefix_len=4,
-                            causal=False),
-    "pad-left": Case(batch=2, heads_q=2, heads_kv=1, seqlen_q=25, seqlen_k=25, head_dim=32, prefix_len=5,
-                     padding="left"),
-    "pad-right": Case(batch=2, heads_q=2, heads_kv=1, seqlen_q=25, seqlen_k=25, head_dim=32, prefix_len=5,
-                      padding="right"),
-    "pad-random-noncausal": Case(batch=2, heads_q=2, heads_kv=2, seqlen_q=18, seqlen_k=26, head_dim=32,
-                                 prefix_len=5, padding="random", causal=False),
-    "pool-lengths": Case(batch=4, heads_q=2, heads_kv=1, seqlen_q=19, seqlen_k=19, head_dim=32, prefix_len=20,
-                         pool=3, lengths=True),
-    "pool-noncontiguous-pad": Case(batch=3, heads_q=4, heads_kv=2, seqlen_q=21, seqlen_k=21, head_dim=32,
-                                   prefix_len=11, pool=2, padding="random", noncontiguous=True),
-    "noncontiguous": Case(batch=2, heads_q=4, heads_kv=2, seqlen_q=33, seqlen_k=33, head_dim=64, prefix_len=18,
-                          noncontiguous=True),
+    "noncausal": Case(
+        batch=2, heads_q=2, heads_kv=1, seqlen_q=21, seqlen_k=30, head_dim=32, prefix_len=7, causal=False
+    ),
+    "noncausal-sq>sk": Case(
+        batch=2, heads_q=2, heads_kv=2, seqlen_q=29, seqlen_k=11, head_dim=32, prefix_len=4, causal=False
+    ),
+    "pad-left": Case(
+        batch=2, heads_q=2, heads_kv=1, seqlen_q=25, seqlen_k=25, head_dim=32, prefix_len=5, padding="left"
+    ),
+    "pad-right": Case(
+        batch=2, heads_q=2, heads_kv=1, seqlen_q=25, seqlen_k=25, head_dim=32, prefix_len=5, padding="right"
+    ),
+    "pad-random-noncausal": Case(
+        batch=2,
+        heads_q=2,
+        heads_kv=2,
+        seqlen_q=18,
+        seqlen_k=26,
+        head_dim=32,
+        prefix_len=5,
+        padding="random",
+        causal=False,
+    ),
+    "pool-lengths": Case(
+        batch=4, heads_q=2, heads_kv=1, seqlen_q=19, seqlen_k=19, head_dim=32, prefix_len=20, pool=3, lengths=True
+    ),
+    "pool-noncontiguous-pad": Case(
+        batch=3,
+        heads_q=4,
+        heads_kv=2,
+        seqlen_q=21,
+        seqlen_k=21,
+        head_dim=32,
+        prefix_len=11,
+        pool=2,
+        padding="random",
+        noncontiguous=True,
+    ),
+    "noncontiguous": Case(
+        batch=2, heads_q=4, heads_kv=2, seqlen_q=33, seqlen_k=33, head_dim=64, prefix_len=18, noncontiguous=True
+    ),
 }
 
 
@@ -132,8 +164,17 @@ def test_low_precision(name, dtype):
 @pytest.mark.parametrize("shape", ["broadcast", "full"])
 @pytest.mark.parametrize("causal", [True, False])
 def test_attn_bias(shape, causal):
-    case = Case(batch=2, heads_q=4, heads_kv=2, seqlen_q=19, seqlen_k=27, head_dim=32, prefix_len=6, causal=causal,
-                padding="random" if shape == "full" else None)
+    case = Case(
+        batch=2,
+        heads_q=4,
+        heads_kv=2,
+        seqlen_q=19,
+        seqlen_k=27,
+        head_dim=32,
+        prefix_len=6,
+        causal=causal,
+        padding="random" if shape == "full" else None,
+    )
     g = torch.Generator().manual_seed(3)
     tensors, args = case.make(dtype=torch.float64, requires_grad=False, generator=g)
     bias = make_bias(case, shape, torch.float64, generator=g)
@@ -174,8 +215,9 @@ def test_no_query_heads_gives_zero_gradients():
     with pytest.raises(ValueError, match="^q: expected at least one query head"):
         prefix_attention(q, k, v, pk, pv, backend="triton")
     out, lse = torch.empty_like(q), torch.empty(2, 0, 5)
-    _, dk, dv, dpk, dpv = triton_bwd.backward(torch.empty_like(q), None, q, k, v, pk, pv, None, None, None, None,
-                                              out, lse, True, 0.25)
+    _, dk, dv, dpk, dpv = triton_bwd.backward(
+        torch.empty_like(q), None, q, k, v, pk, pv, None, None, None, None, out, lse, True, 0.25
+    )
     for g in (dk, dv, dpk, dpv):
         assert torch.equal(g, torch.zeros_like(g))
 
@@ -205,14 +247,12 @@ def test_rows_with_nothing_to_attend():
     _, triton_bwd = _kernels()
     dlse = torch.randn_like(lse).masked_fill(torch.isinf(lse), float("nan"))
     extra = (args["prefix_index"], args["prefix_lengths"], mask, None)
-    grads = triton_bwd.backward(torch.randn_like(out), dlse, q, k, v, pk, pv, *extra, out, lse, True,
-                                32 ** -0.5)
+    grads = triton_bwd.backward(torch.randn_like(out), dlse, q, k, v, pk, pv, *extra, out, lse, True, 32**-0.5)
     assert all(torch.isfinite(grad).all() for grad in grads)
 
 
 def test_empty_rows_fp16_no_nan():
-    case = Case(batch=2, heads_q=2, heads_kv=2, seqlen_q=20, seqlen_k=20, head_dim=32, prefix_len=0,
-                causal=False)
+    case = Case(batch=2, heads_q=2, heads_kv=2, seqlen_q=20, seqlen_k=20, head_dim=32, prefix_len=0, causal=False)
     (q, k, v, _, _), args = case.make(dtype=torch.float16, requires_grad=False)
     mask = torch.ones(2, 20, dtype=torch.bool)
     mask[1] = False
@@ -232,9 +272,13 @@ def test_loss_through_lse_only():
     dlse = torch.randn_like(lse)
     grads = triton_bwd.backward(torch.zeros_like(out), dlse, q, k, v, pk, pv, *extra, out, lse, True, 0.3)
     ref_in = [t.clone().requires_grad_() for t in (q, k, v, pk, pv)]
-    _, ref_lse = prefix_attention_reference(*ref_in, prefix_index=args["prefix_index"],
-                                            prefix_lengths=args["prefix_lengths"], softmax_scale=0.3,
-                                            return_lse=True)
+    _, ref_lse = prefix_attention_reference(
+        *ref_in,
+        prefix_index=args["prefix_index"],
+        prefix_lengths=args["prefix_lengths"],
+        softmax_scale=0.3,
+        return_lse=True,
+    )
     ref_grads = torch.autograd.grad(ref_lse, ref_in, dlse, allow_unused=True)
     for name, a, b in zip(NAMES[2:], grads, ref_grads):
         assert rel_err(a, b if b is not None else torch.zeros_like(a)) <= 1e-10, name
@@ -242,8 +286,19 @@ def test_loss_through_lse_only():
 
 def test_through_op_and_autograd():
     """prefix_attention(backend="triton") forward + backward (loss on out and lse) matches the reference."""
-    case = Case(batch=2, heads_q=4, heads_kv=2, seqlen_q=21, seqlen_k=21, head_dim=32, prefix_len=9, pool=2,
-                lengths=True, padding="right", noncontiguous=True)
+    case = Case(
+        batch=2,
+        heads_q=4,
+        heads_kv=2,
+        seqlen_q=21,
+        seqlen_k=21,
+        head_dim=32,
+        prefix_len=9,
+        pool=2,
+        lengths=True,
+        padding="right",
+        noncontiguous=True,
+    )
     tensors, args = case.make(dtype=torch.float32)
     out, lse = prefix_attention(*tensors, backend="triton", return_lse=True, **args)
     assert out.shape == tensors[0].shape and out.transpose(1, 2).is_contiguous()
@@ -273,9 +328,8 @@ def test_unchecked_pool_indices_and_lengths_are_clamped():
     bad_idx, bad_len = torch.tensor([5, -3, 0, 1]), torch.tensor([99, -4])
     good_idx, good_len = torch.tensor([-1, -1, 0, 1]), torch.tensor([p, 0])
     dout = torch.randn(b, hq, sq, d, dtype=torch.float64)
-    out, lse = triton_backend.forward(q, k, v, pk, pv, bad_idx, bad_len, None, None, True, d ** -0.5)
-    grads = triton_backend.backward(dout, None, q, k, v, pk, pv, bad_idx, bad_len, None, None, out, lse, True,
-                                    d ** -0.5)
+    out, lse = triton_backend.forward(q, k, v, pk, pv, bad_idx, bad_len, None, None, True, d**-0.5)
+    grads = triton_backend.backward(dout, None, q, k, v, pk, pv, bad_idx, bad_len, None, None, out, lse, True, d**-0.5)
     ref_in = [t.clone().requires_grad_() for t in (q, k, v, pk, pv)]
     ref_out = prefix_attention_reference(*ref_in, prefix_index=good_idx, prefix_lengths=good_len)
     ref_grads = torch.autograd.grad(ref_out, ref_in, dout)
@@ -313,13 +367,11 @@ def bwd_path(request, monkeypatch):
 
 @pytest.mark.parametrize("deterministic", [True, False])
 def test_torch_compile_fullgraph(deterministic):
-    case = Case(batch=2, heads_q=4, heads_kv=2, seqlen_q=17, seqlen_k=17, head_dim=32, prefix_len=6,
-                padding="left")
+    case = Case(batch=2, heads_q=4, heads_kv=2, seqlen_q=17, seqlen_k=17, head_dim=32, prefix_len=6, padding="left")
     tensors, args = case.make(dtype=torch.float32)
 
     def step(q, k, v, pk, pv, mask):
-        out = prefix_attention(q, k, v, pk, pv, key_padding_mask=mask, backend="triton",
-                               deterministic=deterministic)
+        out = prefix_attention(q, k, v, pk, pv, key_padding_mask=mask, backend="triton", deterministic=deterministic)
         return (out.float() ** 2).sum()
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
@@ -337,8 +389,18 @@ def test_torch_compile_fullgraph(deterministic):
 @pytest.mark.parametrize("chunks", [1, 2, 5, 64])
 def test_prefix_gradient_any_chunking(chunks):
     """Chunks that split sequences, cross pool-entry boundaries or outnumber the work all give the exact sum."""
-    case = Case(batch=5, heads_q=4, heads_kv=2, seqlen_q=20, seqlen_k=20, head_dim=32, prefix_len=19, pool=3,
-                lengths=True, padding="random")
+    case = Case(
+        batch=5,
+        heads_q=4,
+        heads_kv=2,
+        seqlen_q=20,
+        seqlen_k=20,
+        head_dim=32,
+        prefix_len=19,
+        pool=3,
+        lengths=True,
+        padding="random",
+    )
     g = torch.Generator().manual_seed(11)
     tensors, args = case.make(dtype=torch.float64, requires_grad=False, generator=g)
     args["prefix_index"] = torch.tensor([2, 0, -1, 2, 0])  # unsorted, with a -1 and an unused entry (1)
@@ -364,8 +426,9 @@ def test_prefix_partials_do_not_grow_with_batch(monkeypatch):
     """The fp32 temporary for the prefix gradient is sized by the plan, which caps chunks independently of B."""
     from prefixattn.kernels import _triton_prefix_bwd as pb
 
-    common = dict(heads_q=32, heads_kv=8, seq_q=2048, prefix_len=128, pool_size=1, block_m=32, block_p=128,
-                  sm_count=132)
+    common = dict(
+        heads_q=32, heads_kv=8, seq_q=2048, prefix_len=128, pool_size=1, block_m=32, block_p=128, sm_count=132
+    )
     slots = {pb.plan(batch=b, **common).slots for b in (4, 64, 4096, 10**6)}
     assert len(slots) == 1 and slots.pop() <= pb.MAX_CHUNKS
     pooled = pb.plan(batch=10**6, **{**common, "pool_size": 50})
@@ -394,16 +457,33 @@ def test_prefix_partials_do_not_grow_with_batch(monkeypatch):
 # ------------------------------------------------------------------------------------------ random shapes
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    batch=st.integers(1, 2), heads_kv=st.integers(1, 2), group=st.sampled_from([1, 2, 4]),
-    seq_q=st.integers(1, 24), extra_k=st.integers(0, 12), head_dim=st.sampled_from([16, 24, 32]),
-    prefix_len=st.integers(0, 20), pool=st.integers(0, 2), causal=st.booleans(),
-    padding=st.sampled_from([None, "left", "random"]), seed=st.integers(0, 2**16),
+    batch=st.integers(1, 2),
+    heads_kv=st.integers(1, 2),
+    group=st.sampled_from([1, 2, 4]),
+    seq_q=st.integers(1, 24),
+    extra_k=st.integers(0, 12),
+    head_dim=st.sampled_from([16, 24, 32]),
+    prefix_len=st.integers(0, 20),
+    pool=st.integers(0, 2),
+    causal=st.booleans(),
+    padding=st.sampled_from([None, "left", "random"]),
+    seed=st.integers(0, 2**16),
 )
 def test_random_shapes(batch, heads_kv, group, seq_q, extra_k, head_dim, prefix_len, pool, causal, padding, seed):
     seq_k = seq_q + extra_k if causal else max(1, seq_q + extra_k - 6)
-    case = Case(batch=batch, heads_q=heads_kv * group, heads_kv=heads_kv, seqlen_q=seq_q, seqlen_k=seq_k,
-                head_dim=head_dim, prefix_len=prefix_len, pool=pool if prefix_len else 0, lengths=pool > 0,
-                causal=causal, padding=padding)
+    case = Case(
+        batch=batch,
+        heads_q=heads_kv * group,
+        heads_kv=heads_kv,
+        seqlen_q=seq_q,
+        seqlen_k=seq_k,
+        head_dim=head_dim,
+        prefix_len=prefix_len,
+        pool=pool if prefix_len else 0,
+        lengths=pool > 0,
+        causal=causal,
+        padding=padding,
+    )
     g = torch.Generator().manual_seed(seed)
     tensors, args = case.make(dtype=torch.float64, requires_grad=False, generator=g)
     got, ref = run_kernels(tensors, args, dtype=torch.float64, chunks=1 + seed % 4)
@@ -433,8 +513,9 @@ def test_gpu_real_sizes(name, dtype, bwd_path):
 @pytest.mark.gpu
 @pytest.mark.parametrize("head_dim", [64, 96, 256])
 def test_gpu_head_dims_and_bias(head_dim, bwd_path):
-    case = Case(batch=2, heads_q=4, heads_kv=2, seqlen_q=300, seqlen_k=333, head_dim=head_dim, prefix_len=77,
-                padding="random")
+    case = Case(
+        batch=2, heads_q=4, heads_kv=2, seqlen_q=300, seqlen_k=333, head_dim=head_dim, prefix_len=77, padding="random"
+    )
     g = torch.Generator().manual_seed(6)
     tensors, args = case.make(dtype=torch.bfloat16, device="cuda", requires_grad=False, generator=g)
     bias = make_bias(case, "broadcast", torch.float32, device="cuda", neg_inf=0.05, generator=g)
@@ -456,9 +537,9 @@ def test_gpu_backward_deterministic():
     case = Case(batch=4, heads_q=8, heads_kv=2, seqlen_q=512, seqlen_k=512, head_dim=128, prefix_len=96, pool=2)
     (q, k, v, pk, pv), args = case.make(dtype=torch.bfloat16, device="cuda", requires_grad=False)
     extra = (args["prefix_index"], None, None, None)
-    out, lse = triton_fwd.forward(q, k, v, pk, pv, *extra, True, 128 ** -0.5)
+    out, lse = triton_fwd.forward(q, k, v, pk, pv, *extra, True, 128**-0.5)
     dout = torch.randn_like(out)
-    first = triton_bwd.backward(dout, None, q, k, v, pk, pv, *extra, out, lse, True, 128 ** -0.5)
-    second = triton_bwd.backward(dout, None, q, k, v, pk, pv, *extra, out, lse, True, 128 ** -0.5)
+    first = triton_bwd.backward(dout, None, q, k, v, pk, pv, *extra, out, lse, True, 128**-0.5)
+    second = triton_bwd.backward(dout, None, q, k, v, pk, pv, *extra, out, lse, True, 128**-0.5)
     for a, b in zip(first, second):
         assert torch.equal(a, b)

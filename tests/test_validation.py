@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from helpers import Case
 
 import prefixattn
-from helpers import Case
 
 
 def good(**over):
@@ -16,8 +16,9 @@ def good(**over):
 
 def call(kw):
     kw = dict(kw)
-    return prefixattn.prefix_attention(kw.pop("q"), kw.pop("k"), kw.pop("v"), kw.pop("prefix_k"),
-                                       kw.pop("prefix_v"), **kw)
+    return prefixattn.prefix_attention(
+        kw.pop("q"), kw.pop("k"), kw.pop("v"), kw.pop("prefix_k"), kw.pop("prefix_v"), **kw
+    )
 
 
 def pool(n=3, p=5):
@@ -32,8 +33,16 @@ BAD = {
     "v shape": (dict(v=torch.randn(B, HKV, S + 1, D)), ValueError, "v"),
     "k batch": (dict(k=torch.randn(B + 1, HKV, S, D), v=torch.randn(B + 1, HKV, S, D)), ValueError, "k"),
     "head dim mismatch": (dict(k=torch.randn(B, HKV, S, 16), v=torch.randn(B, HKV, S, 16)), ValueError, "k"),
-    "hq not multiple": (dict(k=torch.randn(B, 3, S, D), v=torch.randn(B, 3, S, D),
-                             prefix_k=torch.randn(3, 5, D), prefix_v=torch.randn(3, 5, D)), ValueError, "q"),
+    "hq not multiple": (
+        dict(
+            k=torch.randn(B, 3, S, D),
+            v=torch.randn(B, 3, S, D),
+            prefix_k=torch.randn(3, 5, D),
+            prefix_v=torch.randn(3, 5, D),
+        ),
+        ValueError,
+        "q",
+    ),
     "last dim strided": (dict(q=torch.randn(B, HQ, D, S).transpose(2, 3)), ValueError, "q"),
     "causal sq > sk": (dict(q=torch.randn(B, HQ, S + 2, D)), ValueError, "q"),
     "prefix_k only": (dict(prefix_v=None), ValueError, "prefix_v"),
@@ -42,24 +51,58 @@ BAD = {
     "prefix heads": (dict(prefix_k=torch.randn(3, 5, D), prefix_v=torch.randn(3, 5, D)), ValueError, "prefix_k"),
     "prefix dim": (dict(prefix_k=torch.randn(HKV, 5, 16), prefix_v=torch.randn(HKV, 5, 16)), ValueError, "prefix_k"),
     "prefix_v shape": (dict(prefix_v=torch.randn(HKV, 6, D)), ValueError, "prefix_v"),
-    "prefix dtype": (dict(prefix_k=torch.randn(HKV, 5, D, dtype=torch.float64),
-                          prefix_v=torch.randn(HKV, 5, D, dtype=torch.float64)), TypeError, "prefix_k"),
+    "prefix dtype": (
+        dict(
+            prefix_k=torch.randn(HKV, 5, D, dtype=torch.float64), prefix_v=torch.randn(HKV, 5, D, dtype=torch.float64)
+        ),
+        TypeError,
+        "prefix_k",
+    ),
     "index without pool": (dict(prefix_index=torch.zeros(B, dtype=torch.long)), ValueError, "prefix_index"),
     "pool without index": (dict(zip(("prefix_k", "prefix_v"), pool())), ValueError, "prefix_index"),
-    "index out of range": (dict(zip(("prefix_k", "prefix_v"), pool()), prefix_index=torch.tensor([0, 3])),
-                           ValueError, "prefix_index"),
-    "index below -1": (dict(zip(("prefix_k", "prefix_v"), pool()), prefix_index=torch.tensor([0, -2])),
-                       ValueError, "prefix_index"),
-    "index shape": (dict(zip(("prefix_k", "prefix_v"), pool()), prefix_index=torch.tensor([0, 1, 2])),
-                    ValueError, "prefix_index"),
-    "index dtype": (dict(zip(("prefix_k", "prefix_v"), pool()), prefix_index=torch.tensor([0., 1.])),
-                    TypeError, "prefix_index"),
-    "lengths > P": (dict(zip(("prefix_k", "prefix_v"), pool()), prefix_index=torch.tensor([0, 1]),
-                         prefix_lengths=torch.tensor([5, 6, 1])), ValueError, "prefix_lengths"),
-    "lengths shape": (dict(zip(("prefix_k", "prefix_v"), pool()), prefix_index=torch.tensor([0, 1]),
-                           prefix_lengths=torch.tensor([5, 5])), ValueError, "prefix_lengths"),
-    "lengths no prefix": (dict(prefix_k=None, prefix_v=None, prefix_lengths=torch.tensor([1])), ValueError,
-                          "prefix_lengths"),
+    "index out of range": (
+        dict(zip(("prefix_k", "prefix_v"), pool()), prefix_index=torch.tensor([0, 3])),
+        ValueError,
+        "prefix_index",
+    ),
+    "index below -1": (
+        dict(zip(("prefix_k", "prefix_v"), pool()), prefix_index=torch.tensor([0, -2])),
+        ValueError,
+        "prefix_index",
+    ),
+    "index shape": (
+        dict(zip(("prefix_k", "prefix_v"), pool()), prefix_index=torch.tensor([0, 1, 2])),
+        ValueError,
+        "prefix_index",
+    ),
+    "index dtype": (
+        dict(zip(("prefix_k", "prefix_v"), pool()), prefix_index=torch.tensor([0.0, 1.0])),
+        TypeError,
+        "prefix_index",
+    ),
+    "lengths > P": (
+        dict(
+            zip(("prefix_k", "prefix_v"), pool()),
+            prefix_index=torch.tensor([0, 1]),
+            prefix_lengths=torch.tensor([5, 6, 1]),
+        ),
+        ValueError,
+        "prefix_lengths",
+    ),
+    "lengths shape": (
+        dict(
+            zip(("prefix_k", "prefix_v"), pool()),
+            prefix_index=torch.tensor([0, 1]),
+            prefix_lengths=torch.tensor([5, 5]),
+        ),
+        ValueError,
+        "prefix_lengths",
+    ),
+    "lengths no prefix": (
+        dict(prefix_k=None, prefix_v=None, prefix_lengths=torch.tensor([1])),
+        ValueError,
+        "prefix_lengths",
+    ),
     "mask dtype": (dict(key_padding_mask=torch.ones(B, S)), TypeError, "key_padding_mask"),
     "mask shape": (dict(key_padding_mask=torch.ones(B, S + 1, dtype=torch.bool)), ValueError, "key_padding_mask"),
     "mask rank": (dict(key_padding_mask=torch.ones(B, 1, 1, S, dtype=torch.bool)), ValueError, "key_padding_mask"),

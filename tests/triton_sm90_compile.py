@@ -23,7 +23,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (label, dtype, head_dim, case overrides, causal, with_bias)
 SCENARIOS = [
     ("bf16-d128-causal", "bfloat16", 128, dict(prefix_len=128, noncontiguous=True), True, False),
-    ("bf16-d128-pool-pad-bias", "bfloat16", 128, dict(pool=3, lengths=True, padding="random", prefix_len=40), True, True),
+    (
+        "bf16-d128-pool-pad-bias",
+        "bfloat16",
+        128,
+        dict(pool=3, lengths=True, padding="random", prefix_len=40),
+        True,
+        True,
+    ),
     ("fp16-d64-noncausal-gqa", "float16", 64, dict(heads_q=8, heads_kv=2, prefix_len=16, seqlen_q=100), False, False),
     ("fp16-d256-causal", "float16", 256, dict(prefix_len=5), True, False),
     ("bf16-d256-pad-bias", "bfloat16", 256, dict(prefix_len=77, padding="random"), True, True),
@@ -111,6 +118,7 @@ def main(only=None) -> list:
 
     JITFunction.run = compile_only
     from helpers import Case
+
     from prefixattn.kernels import _triton_prefix_merge, triton_bwd, triton_fwd
 
     results = []
@@ -125,31 +133,54 @@ def main(only=None) -> list:
         bias = torch.randn(1, q.shape[1], q.shape[2], k.shape[2], dtype=dtype) if with_bias else None
         common = (pk, pv, args.get("prefix_index"), args.get("prefix_lengths"), args.get("key_padding_mask"), bias)
         compiled.clear()
-        triton_fwd.forward(q, k, v, *common, causal, head_dim ** -0.5)
+        triton_fwd.forward(q, k, v, *common, causal, head_dim**-0.5)
         out = torch.randn(q.shape[0], q.shape[2], q.shape[1], head_dim, dtype=dtype).transpose(1, 2)
         lse = torch.randn(q.shape[:3], dtype=torch.float32)
-        triton_bwd.backward(torch.randn_like(out), torch.randn_like(lse), q, k, v, *common, out, lse, causal,
-                            head_dim ** -0.5)
+        triton_bwd.backward(
+            torch.randn_like(out), torch.randn_like(lse), q, k, v, *common, out, lse, causal, head_dim**-0.5
+        )
         n_deterministic = len(compiled)
         # The opt-in fused-dQ backward (atomics): its dK/dV and prefix kernels are separate compiled variants.
-        triton_bwd.backward(torch.randn_like(out), torch.randn_like(lse), q, k, v, *common, out, lse, causal,
-                            head_dim ** -0.5, deterministic=False)
+        triton_bwd.backward(
+            torch.randn_like(out),
+            torch.randn_like(lse),
+            q,
+            k,
+            v,
+            *common,
+            out,
+            lse,
+            causal,
+            head_dim**-0.5,
+            deterministic=False,
+        )
         n_fused = len(compiled)
         # The sdpa backend's Triton parts: the prefix merge forward and the prefix-keys-only dQ (dq +=).
         pidx, plen = args.get("prefix_index"), args.get("prefix_lengths")
         if pk is not None:
-            _triton_prefix_merge.merge_prefix(q, pk, pv, pidx, plen, torch.randn_like(q), lse, head_dim ** -0.5,
-                                              torch.empty_like(q))
-            triton_bwd.prefix_backward(torch.randn_like(out), None, q, pk, pv, pidx, plen, out, lse,
-                                       torch.randn_like(q), head_dim ** -0.5)
+            _triton_prefix_merge.merge_prefix(
+                q, pk, pv, pidx, plen, torch.randn_like(q), lse, head_dim**-0.5, torch.empty_like(q)
+            )
+            triton_bwd.prefix_backward(
+                torch.randn_like(out), None, q, pk, pv, pidx, plen, out, lse, torch.randn_like(q), head_dim**-0.5
+            )
         for i, (name, warps, stages, kernel) in enumerate(compiled):
             deterministic = i < n_deterministic or i >= n_fused
             if n_deterministic <= i < n_fused and name not in FUSED_DQ_KERNELS:
                 continue  # the same compiled kernel as in the deterministic backward
             if i >= n_fused and name not in SDPA_KERNELS:
                 continue  # preprocess / prefix partials: the kernels the triton backward compiled already
-            results.append(dict(scenario=label, kernel=name, deterministic=deterministic, sdpa=i >= n_fused,
-                                num_warps=warps, num_stages=stages, **_resources(kernel, cuobjdump)))
+            results.append(
+                dict(
+                    scenario=label,
+                    kernel=name,
+                    deterministic=deterministic,
+                    sdpa=i >= n_fused,
+                    num_warps=warps,
+                    num_stages=stages,
+                    **_resources(kernel, cuobjdump),
+                )
+            )
     return results
 
 
@@ -160,5 +191,7 @@ if __name__ == "__main__":
     else:
         for r in rows:
             tag = "" if r["deterministic"] else " (fast)"
-            print(f"{r['scenario']:26s} {r['kernel'] + tag:30s} warps={r['num_warps']} stages={r['num_stages']} "
-                  f"regs={r['registers']} stack={r['stack']} smem={r['shared']} wgmma={r['wgmma']}")
+            print(
+                f"{r['scenario']:26s} {r['kernel'] + tag:30s} warps={r['num_warps']} stages={r['num_stages']} "
+                f"regs={r['registers']} stack={r['stack']} smem={r['shared']} wgmma={r['wgmma']}"
+            )

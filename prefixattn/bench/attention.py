@@ -28,8 +28,8 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -57,7 +57,7 @@ class Shape:
         return self.heads_q // self.heads_kv
 
     def describe(self) -> str:
-        return (f"B={self.batch} Hq={self.heads_q} Hkv={self.heads_kv} S={self.seqlen} D={self.head_dim}")
+        return f"B={self.batch} Hq={self.heads_q} Hkv={self.heads_kv} S={self.seqlen} D={self.head_dim}"
 
 
 GPU_SHAPES = {
@@ -139,8 +139,9 @@ def build_concat_lowerright(shape: Shape, plen: int, device) -> list[Method]:
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             return F.scaled_dot_product_attention(q, repeat_kv(kc, g), repeat_kv(vc, g), attn_mask=bias)
 
-    methods = [Method("concat_lowerright", gqa, "cat + SDPA(flash, causal_lower_right)"
-                      + (" enable_gqa" if g > 1 else ""))]
+    methods = [
+        Method("concat_lowerright", gqa, "cat + SDPA(flash, causal_lower_right)" + (" enable_gqa" if g > 1 else ""))
+    ]
     if g > 1:
         methods.append(Method("concat_lowerright", repeated, "cat + SDPA(flash, causal_lower_right) + repeat_kv"))
     return methods
@@ -214,12 +215,15 @@ def build_split_merge(shape: Shape, plen: int, device) -> list[Method]:
         def fwd(q, k, v, pk, pv):
             out_seq, lse_seq = seq(q, k, v)
             return merge(q, pk, pv, out_seq, lse_seq, scale)
+
         return fwd
 
     note = "cuDNN causal (lse) + prefix matmuls + compiled lse merge"
     # Without a copy first; repeating K/V for GQA (a copy inside the timing) only if neither kernel takes GQA.
-    methods = [Method("split_merge", make(cudnn), note, backward=False),
-               Method("split_merge", make(flash), note.replace("cuDNN", "flash"), backward=False)]
+    methods = [
+        Method("split_merge", make(cudnn), note, backward=False),
+        Method("split_merge", make(flash), note.replace("cuDNN", "flash"), backward=False),
+    ]
     if g > 1:
         methods.append(Method("split_merge", make(cudnn_repeated), note + ", repeat_kv", backward=False))
     return methods
@@ -229,8 +233,13 @@ def build_floor(shape: Shape, device) -> list[Method]:
     """No prefix: the fastest causal attention PyTorch has (cuDNN on Hopper); the prefix args are ignored."""
     g = shape.groups
     if not timing.is_cuda(device):
-        return [Method("floor", lambda q, k, v, pk, pv: F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, enable_gqa=g > 1), "SDPA(default backend) causal, no prefix")]
+        return [
+            Method(
+                "floor",
+                lambda q, k, v, pk, pv: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=g > 1),
+                "SDPA(default backend) causal, no prefix",
+            )
+        ]
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     def with_backend(backend, repeat):
@@ -239,17 +248,27 @@ def build_floor(shape: Shape, device) -> list[Method]:
                 k, v = repeat_kv(k, g), repeat_kv(v, g)
             with sdpa_kernel(backend):
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=(g > 1 and not repeat))
+
         return fwd
 
     # GQA: a kernel that takes it natively before one that needs K/V repeated (a copy that would flatter
     # every target scaled from this floor).
-    methods = [Method("floor", with_backend(SDPBackend.CUDNN_ATTENTION, False),
-                      "SDPA(cuDNN) causal, no prefix" + (", enable_gqa" if g > 1 else ""))]
+    methods = [
+        Method(
+            "floor",
+            with_backend(SDPBackend.CUDNN_ATTENTION, False),
+            "SDPA(cuDNN) causal, no prefix" + (", enable_gqa" if g > 1 else ""),
+        )
+    ]
     if g > 1:
-        methods.append(Method("floor", with_backend(SDPBackend.FLASH_ATTENTION, False),
-                              "SDPA(flash) causal, no prefix, enable_gqa"))
-        methods.append(Method("floor", with_backend(SDPBackend.CUDNN_ATTENTION, True),
-                              "SDPA(cuDNN) causal, no prefix, repeat_kv"))
+        methods.append(
+            Method(
+                "floor", with_backend(SDPBackend.FLASH_ATTENTION, False), "SDPA(flash) causal, no prefix, enable_gqa"
+            )
+        )
+        methods.append(
+            Method("floor", with_backend(SDPBackend.CUDNN_ATTENTION, True), "SDPA(cuDNN) causal, no prefix, repeat_kv")
+        )
     return methods
 
 
@@ -273,13 +292,14 @@ def build_prefixattn_fast(backend: str) -> list[Method]:
     return _prefixattn_method("prefixattn_fast", forward=False, backend=backend, deterministic=False)
 
 
-def build_prefixattn_sdpa(example: "InputSet") -> list[Method]:
+def build_prefixattn_sdpa(example: InputSet) -> list[Method]:
     """The note records which vendor kernel ran the sequence part (cuDNN is the point; flash is slower)."""
     from prefixattn.kernels import sdpa_backend
 
     kernel = sdpa_backend.sequence_kernel_for(example.q, example.k, example.v, True, needs_grad=True)
-    return _prefixattn_method("prefixattn_sdpa", note_suffix=f"; sequence kernel: {kernel}", backend="sdpa",
-                              deterministic=False)
+    return _prefixattn_method(
+        "prefixattn_sdpa", note_suffix=f"; sequence kernel: {kernel}", backend="sdpa", deterministic=False
+    )
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -291,8 +311,8 @@ class InputSet:
     k: torch.Tensor
     v: torch.Tensor
     grad_out: torch.Tensor
-    pk: Optional[torch.Tensor] = None
-    pv: Optional[torch.Tensor] = None
+    pk: torch.Tensor | None = None
+    pv: torch.Tensor | None = None
 
     def args(self):
         return self.q, self.k, self.v, self.pk, self.pv
@@ -308,8 +328,12 @@ def make_sets(shape: Shape, n: int, device, dtype) -> list[InputSet]:
     def rnd(*size):
         return torch.randn(*size, device=device, dtype=dtype).requires_grad_(True)
 
-    return [InputSet(rnd(b, hq, s, d), rnd(b, hkv, s, d), rnd(b, hkv, s, d),
-                     torch.randn(b, hq, s, d, device=device, dtype=dtype)) for _ in range(n)]
+    return [
+        InputSet(
+            rnd(b, hq, s, d), rnd(b, hkv, s, d), rnd(b, hkv, s, d), torch.randn(b, hq, s, d, device=device, dtype=dtype)
+        )
+        for _ in range(n)
+    ]
 
 
 def set_prefix(sets: list[InputSet], shape: Shape, plen: int, device, dtype) -> None:
@@ -322,6 +346,7 @@ def fwd_closure(method: Method, st: InputSet) -> Callable[[], None]:
     def run():
         with torch.no_grad():
             method.fwd(*st.args())
+
     return run
 
 
@@ -331,6 +356,7 @@ def fwdbwd_closure(method: Method, st: InputSet) -> Callable[[], None]:
     def run():
         out = method.fwd(*st.args())
         torch.autograd.grad(out, leaves, st.grad_out)
+
     return run
 
 
@@ -360,7 +386,6 @@ class Bench(timing.BenchRun):
         if self.smoke:
             return timing.time_fns(fns, self.device, warmup_ms=1, rep_ms=5, min_reps=3)
         return timing.time_fns(fns, self.device, warmup_ms=self.args.warmup_ms, rep_ms=self.args.rep_ms)
-
 
     # -- one method at one (shape, P)
     def pick(self, candidates: list[Method], st: InputSet, ref, backward: bool, **where):
@@ -399,8 +424,9 @@ class Bench(timing.BenchRun):
             return m, check, tried
         return None, None, tried
 
-    def run_method(self, shape: Shape, plen: int, candidates: list[Method], sets: list[InputSet], ref,
-                   flops_fwd: float) -> Optional[dict]:
+    def run_method(
+        self, shape: Shape, plen: int, candidates: list[Method], sets: list[InputSet], ref, flops_fwd: float
+    ) -> dict | None:
         name = candidates[0].name if candidates else "?"
         where = dict(shape=shape.name, P=plen, method=name)
         if self.out_of_time(f"{shape.name} P={plen} {name}"):
@@ -412,10 +438,21 @@ class Bench(timing.BenchRun):
             return None
         if check is not None:
             self.record(kind="attention_check", **where, note=method.note, tolerance=CHECK_TOL, **check)
-        base = dict(kind="attention", shape=shape.name, B=shape.batch, Hq=shape.heads_q, Hkv=shape.heads_kv,
-                    S=shape.seqlen, D=shape.head_dim, P=plen, method=name, note=method.note,
-                    dtype=str(self.dtype).replace("torch.", ""),
-                    correct=None if check is None else check["ok"], fallbacks=tried or None)
+        base = dict(
+            kind="attention",
+            shape=shape.name,
+            B=shape.batch,
+            Hq=shape.heads_q,
+            Hkv=shape.heads_kv,
+            S=shape.seqlen,
+            D=shape.head_dim,
+            P=plen,
+            method=name,
+            note=method.note,
+            dtype=str(self.dtype).replace("torch.", ""),
+            correct=None if check is None else check["ok"],
+            fallbacks=tried or None,
+        )
         results = {}
         modes = [("fwd", fwd_closure, 1.0)] if method.forward else []
         if method.backward:
@@ -430,10 +467,16 @@ class Bench(timing.BenchRun):
             except Exception as exc:  # noqa: BLE001 - record and go on with the next method
                 self.fail(exc, mode=mode, **where)
                 continue
-            rec = dict(base, mode=mode, **t, TFLOPs=factor * flops_fwd / (t["ms"] * 1e-3) / 1e12,
-                       peak_extra_MB=None if peak is None else peak / 2**20,
-                       anchor_ms=None if shape.name != "main" or self.smoke
-                       else report.ATTENTION_ANCHORS.get((name, plen, mode)))
+            rec = dict(
+                base,
+                mode=mode,
+                **t,
+                TFLOPs=factor * flops_fwd / (t["ms"] * 1e-3) / 1e12,
+                peak_extra_MB=None if peak is None else peak / 2**20,
+                anchor_ms=None
+                if shape.name != "main" or self.smoke
+                else report.ATTENTION_ANCHORS.get((name, plen, mode)),
+            )
             self.record(**rec)
             results[mode] = rec
             flag = "" if rec["correct"] in (None, True) else "  WRONG"
@@ -447,8 +490,10 @@ class Bench(timing.BenchRun):
         for measure in (timing.measure_gemm_ceiling, timing.measure_copy_ceiling):
             try:
                 rec = self.record(**measure(self.device))
-                self.progress(f"ceiling {rec['what']}: " + (f"{rec['TFLOPs']:.0f} TFLOP/s" if "TFLOPs" in rec
-                                                              else f"{rec['TBps']:.2f} TB/s"))
+                self.progress(
+                    f"ceiling {rec['what']}: "
+                    + (f"{rec['TFLOPs']:.0f} TFLOP/s" if "TFLOPs" in rec else f"{rec['TBps']:.2f} TB/s")
+                )
             except Exception as exc:  # noqa: BLE001
                 self.fail(exc, phase="ceiling")
 
@@ -464,8 +509,13 @@ class Bench(timing.BenchRun):
         if "floor" in methods:
             flops0 = timing.attention_flops(shape.batch, shape.heads_q, shape.seqlen, shape.seqlen, 0, shape.head_dim)
             g = shape.groups
-            plain = Method("reference", lambda q, k, v, pk, pv: F.scaled_dot_product_attention(
-                q, repeat_kv(k, g), repeat_kv(v, g), is_causal=True), "SDPA(default) causal, repeat_kv")
+            plain = Method(
+                "reference",
+                lambda q, k, v, pk, pv: F.scaled_dot_product_attention(
+                    q, repeat_kv(k, g), repeat_kv(v, g), is_causal=True
+                ),
+                "SDPA(default) causal, repeat_kv",
+            )
             try:  # the floor's own check: the default SDPA path on the same inputs
                 ref0 = outputs(plain, sets[0], backward=True)
             except Exception as exc:  # noqa: BLE001
@@ -477,8 +527,7 @@ class Bench(timing.BenchRun):
             if self.out_of_time(f"{shape.name} P={plen}"):
                 return
             set_prefix(sets, shape, plen, dev, dt)
-            flops = timing.attention_flops(shape.batch, shape.heads_q, shape.seqlen, shape.seqlen, plen,
-                                           shape.head_dim)
+            flops = timing.attention_flops(shape.batch, shape.heads_q, shape.seqlen, shape.seqlen, plen, shape.head_dim)
             try:  # the reference every method is checked against: concat + SDPA with a mask
                 concat = build_concat_mask(shape, plen, dev)
                 ref = outputs(concat[0], sets[0], backward=True)
@@ -488,14 +537,21 @@ class Bench(timing.BenchRun):
             builders = dict(
                 prefixattn=lambda: build_prefixattn(self.args.backend),
                 prefixattn_fast=lambda: build_prefixattn_fast(self.args.backend),
-                prefixattn_sdpa=lambda: build_prefixattn_sdpa(sets[0]),
+                prefixattn_sdpa=lambda: build_prefixattn_sdpa(sets[0]),  # noqa: F821 (deleted after use to free device memory)
                 concat_mask=lambda: concat,
                 concat_lowerright=lambda: build_concat_lowerright(shape, plen, dev),
                 split_merge=lambda: build_split_merge(shape, plen, dev),
                 concat_flex=lambda: build_concat_flex(shape, plen, dev),
             )
-            for name in ("prefixattn", "prefixattn_fast", "prefixattn_sdpa", "concat_mask", "concat_lowerright",
-                         "split_merge", "concat_flex"):
+            for name in (
+                "prefixattn",
+                "prefixattn_fast",
+                "prefixattn_sdpa",
+                "concat_mask",
+                "concat_lowerright",
+                "split_merge",
+                "concat_flex",
+            ):
                 if name not in methods:
                     continue
                 try:
@@ -543,16 +599,30 @@ class Bench(timing.BenchRun):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="prefixattn bench attention", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="prefixattn bench attention",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--phases", default=",".join(PHASES), help=f"comma list of {','.join(PHASES)}")
     p.add_argument("--quick", action="store_true", help="gqa/d64 at P=128 only, no split+merge there")
     p.add_argument("--skip-flex", action="store_true", help="skip the FlexAttention phase (slow to compile)")
-    p.add_argument("--methods", default=None, help="comma list: time only these methods (concat_mask, the "
-                   "reference of the checks, always runs), e.g. prefixattn,prefixattn_sdpa,floor")
+    p.add_argument(
+        "--methods",
+        default=None,
+        help="comma list: time only these methods (concat_mask, the "
+        "reference of the checks, always runs), e.g. prefixattn,prefixattn_sdpa,floor",
+    )
     p.add_argument("--flex-all-p", action="store_true", help="FlexAttention at every P, not just 128")
     p.add_argument("--backend", default=None, help="prefixattn backend (default: triton on CUDA, torch on CPU)")
-    p.add_argument("--out", default=None, help="output directory (default: benchmarks/results; with --smoke a temporary directory, so CPU numbers never overwrite GPU results)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help=(
+            "output directory (default: benchmarks/results; with --smoke a temporary directory, "
+            "so CPU numbers never overwrite GPU results)"
+        ),
+    )
     p.add_argument("--warmup-ms", type=float, default=25.0)
     p.add_argument("--rep-ms", type=float, default=100.0)
     p.add_argument("--budget-s", type=float, default=None, help="stop cleanly after this many seconds")
@@ -581,8 +651,9 @@ def main(argv=None) -> int:
     writer = ResultWriter(out_dir / "attention.json", timing.environment(device, argv))
     bench = Bench(args, device, dtype, writer, Deadline(args.budget_s), Progress("attention"))
     timing.run_phases(bench, phases, 1 if device.type == "cpu" else None)  # tiny CPU shapes: threads add noise
-    return timing.finish_run("attention", writer, out_dir, report.attention_targets, report.attention_table,
-                             report.attention_plot)
+    return timing.finish_run(
+        "attention", writer, out_dir, report.attention_targets, report.attention_table, report.attention_plot
+    )
 
 
 if __name__ == "__main__":

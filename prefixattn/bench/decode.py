@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -58,16 +58,17 @@ def build_paged(k: torch.Tensor, page_size: int, perm: torch.Tensor) -> torch.Te
     pages = torch.empty(b * pps, page_size, hkv, d, dtype=k.dtype, device=k.device)
     chunk = max(1, (1 << 30) // max(k[0].numel() * k.element_size(), 1))  # ~1 GB of transient copy at a time
     for start in range(0, b, chunk):
-        part = k[start:start + chunk]
+        part = k[start : start + chunk]
         n = part.shape[0]
         rows = part.reshape(n, hkv, pps, page_size, d).permute(0, 2, 3, 1, 4).reshape(n * pps, page_size, hkv, d)
-        pages[perm[start * pps:(start + n) * pps]] = rows
+        pages[perm[start * pps : (start + n) * pps]] = rows
     return pages
 
 
 @dataclass
 class Group:
     """The input sets of one (B, Sk): queries and sequence caches, shared by every P."""
+
     q: list
     k: list
     v: list
@@ -79,17 +80,18 @@ class Group:
 
 def _unsplit(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
     """fn with the triton decode plan forced to one split (set while it runs, so a graph capture records it)."""
+
     def call():
         from ..kernels import triton_decode
 
         with triton_decode.force(splits=1):
             return fn()
+
     return call
 
 
 class Bench(timing.BenchRun):
-    def __init__(self, args, cfg: Config, device, dtype, writer: ResultWriter, deadline: Deadline,
-                 progress: Progress):
+    def __init__(self, args, cfg: Config, device, dtype, writer: ResultWriter, deadline: Deadline, progress: Progress):
         super().__init__(writer, deadline, progress)
         self.args, self.cfg, self.device, self.dtype = args, cfg, device, dtype
         self.copy_TBps = ANCHOR_COPY_TBPS
@@ -99,8 +101,6 @@ class Bench(timing.BenchRun):
         self.pa = prefixattn
         self.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
         self.has_paged = hasattr(prefixattn, "prefix_attention_paged")
-
-
 
     def timer(self, fns):
         if not timing.is_cuda(self.device):
@@ -155,14 +155,16 @@ class Bench(timing.BenchRun):
         q, k, v = g.q[i], g.k[i], g.v[i]
         out = {"concat_sdpa": lambda: F.scaled_dot_product_attention(q, kc, vc, enable_gqa=True)}
         for be in self.backends:
-            out[f"prefixattn_{be}"] = (lambda be=be: pa.prefix_attention(q, k, v, pk, pv, causal=True, backend=be))
+            out[f"prefixattn_{be}"] = lambda be=be: pa.prefix_attention(q, k, v, pk, pv, causal=True, backend=be)
             if be == "triton" and q.shape[0] <= 8:
-                out["variant_nosplit"] = _unsplit(lambda: pa.prefix_attention(q, k, v, pk, pv, causal=True,
-                                                                              backend="triton"))
+                out["variant_nosplit"] = _unsplit(
+                    lambda: pa.prefix_attention(q, k, v, pk, pv, causal=True, backend="triton")
+                )
             if self.has_paged:
                 kp, vp, bt = g.k_pages[i], g.v_pages[i], g.block_table[i]
-                out[f"paged_{be}"] = (lambda be=be: pa.prefix_attention_paged(q, kp, vp, bt, g.seq_lens, pk, pv,
-                                                                               backend=be))
+                out[f"paged_{be}"] = lambda be=be: pa.prefix_attention_paged(
+                    q, kp, vp, bt, g.seq_lens, pk, pv, backend=be
+                )
         return out
 
     def time_method(self, name: str, fns: list, base: dict, bytes_read: int, kv_cache: int, check=None) -> None:
@@ -172,21 +174,35 @@ class Bench(timing.BenchRun):
             self.fail(exc, **{k: base[k] for k in ("B", "Sk", "P")}, method=name)
             return
         c = self.cfg
-        needed = timing.decode_bytes_shared(base["B"], base["Sk"], base["P"], c.heads_kv, c.head_dim,
-                                            self.dtype.itemsize)
+        needed = timing.decode_bytes_shared(
+            base["B"], base["Sk"], base["P"], c.heads_kv, c.head_dim, self.dtype.itemsize
+        )
         sec = t["ms"] * 1e-3
-        rec = dict(base, method=name, **t, us=t["ms"] * 1e3, bytes_needed=needed, TBps_needed=needed / sec / 1e12,
-                   pct_of_copy=needed / sec / 1e12 / self.copy_TBps, bytes_read=bytes_read,
-                   TBps_read=bytes_read / sec / 1e12, kv_cache_GB_per_layer=kv_cache / 1e9,
-                   copy_TBps=self.copy_TBps, copy_source=self.copy_source,
-                   anchor_us=report.DECODE_ANCHORS_US.get((base["B"], base["Sk"], base["P"]))
-                   if name in ("concat_sdpa", "floor") else None)
+        rec = dict(
+            base,
+            method=name,
+            **t,
+            us=t["ms"] * 1e3,
+            bytes_needed=needed,
+            TBps_needed=needed / sec / 1e12,
+            pct_of_copy=needed / sec / 1e12 / self.copy_TBps,
+            bytes_read=bytes_read,
+            TBps_read=bytes_read / sec / 1e12,
+            kv_cache_GB_per_layer=kv_cache / 1e9,
+            copy_TBps=self.copy_TBps,
+            copy_source=self.copy_source,
+            anchor_us=report.DECODE_ANCHORS_US.get((base["B"], base["Sk"], base["P"]))
+            if name in ("concat_sdpa", "floor")
+            else None,
+        )
         if check is not None:
             rec.update(rel_err=check, correct=bool(check <= CHECK_TOL))
         self.record(**rec)
         flag = "" if rec.get("correct", True) else "  WRONG"
-        self.progress(f"B={base['B']} Sk={base['Sk']} P={base['P']} {name}: {rec['us']:.1f} us, "
-                      f"{rec['TBps_needed']:.2f} TB/s ({100 * rec['pct_of_copy']:.0f}% of copy){flag}")
+        self.progress(
+            f"B={base['B']} Sk={base['Sk']} P={base['P']} {name}: {rec['us']:.1f} us, "
+            f"{rec['TBps_needed']:.2f} TB/s ({100 * rec['pct_of_copy']:.0f}% of copy){flag}"
+        )
 
     def group(self, batch: int, seqlen: int) -> None:
         c, dev, dt = self.cfg, self.device, self.dtype
@@ -209,10 +225,21 @@ class Bench(timing.BenchRun):
             torch.cuda.empty_cache() if timing.is_cuda(dev) else None
             return
         self.progress.note(f"B={batch} Sk={seqlen}: {n_sets} input sets")
-        base = dict(kind="decode", B=batch, Sk=seqlen, P=0, Hq=c.heads_q, Hkv=c.heads_kv, D=c.head_dim,
-                    dtype=str(dt).replace("torch.", ""), page_size=c.page_size)
-        floor_fns = [lambda i=i: F.scaled_dot_product_attention(g.q[i], g.k[i], g.v[i], enable_gqa=True)
-                     for i in range(n_sets)]
+        base = dict(
+            kind="decode",
+            B=batch,
+            Sk=seqlen,
+            P=0,
+            Hq=c.heads_q,
+            Hkv=c.heads_kv,
+            D=c.head_dim,
+            dtype=str(dt).replace("torch.", ""),
+            page_size=c.page_size,
+        )
+        floor_fns = [
+            lambda i=i: F.scaled_dot_product_attention(g.q[i], g.k[i], g.v[i], enable_gqa=True)  # noqa: F821 (g is deleted after use to free device memory)
+            for i in range(n_sets)
+        ]
         seq_kv = timing.kv_bytes(batch * seqlen, c.heads_kv, c.head_dim, dt.itemsize)
         self.time_method("floor", floor_fns, base, seq_kv, seq_kv)
         for plen in c.prefix_lens:
@@ -283,7 +310,14 @@ def parse_args(argv):
     p.add_argument("--page-size", type=int, default=None)
     p.add_argument("--max-gb", type=float, default=80.0, help="skip (B, Sk) groups needing more device memory")
     p.add_argument("--no-graphs", action="store_true", help="time eager calls with events instead of graphs")
-    p.add_argument("--out", default=None, help="output directory (default: benchmarks/results; with --smoke a temporary directory, so CPU numbers never overwrite GPU results)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help=(
+            "output directory (default: benchmarks/results; with --smoke a temporary directory, "
+            "so CPU numbers never overwrite GPU results)"
+        ),
+    )
     p.add_argument("--warmup-ms", type=float, default=10.0)
     p.add_argument("--rep-ms", type=float, default=60.0)
     p.add_argument("--budget-s", type=float, default=None)
@@ -311,8 +345,7 @@ def main(argv=None) -> int:
     writer = ResultWriter(out_dir / "decode.json", timing.environment(device, argv))
     bench = Bench(args, cfg, device, dtype, writer, Deadline(args.budget_s), Progress("decode"))
     timing.run_phases(bench, phases, 1 if device.type == "cpu" else None)
-    return timing.finish_run("decode", writer, out_dir, report.decode_targets, report.decode_table,
-                             report.decode_plot)
+    return timing.finish_run("decode", writer, out_dir, report.decode_targets, report.decode_table, report.decode_plot)
 
 
 if __name__ == "__main__":

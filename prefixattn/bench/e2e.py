@@ -28,8 +28,8 @@ import inspect
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable, Optional
 
 import torch
 
@@ -38,11 +38,28 @@ from . import report, timing
 from .timing import Deadline, Progress, ResultWriter
 
 PHASES = ("train", "generate", "serve", "kvbudget")
-TINYLLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                    num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-5,
-                    tie_word_embeddings=False)
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            vocab_size=128, max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=False)
+TINYLLAMA_1B = dict(
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_hidden_layers=22,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    vocab_size=32000,
+    max_position_embeddings=2048,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+)
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=128,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+)
 
 
 @dataclass(frozen=True)
@@ -63,8 +80,19 @@ class Settings:
 
 FULL = Settings(TINYLLAMA_1B)
 QUICK = replace(FULL, new_tokens=32, train_steps=6)
-SMOKE = Settings(TINY, prefix_len=4, train_batch=2, train_seqlen=16, train_warmup=1, train_steps=2, gen_batch=2,
-                 prompt_len=8, new_tokens=4, serve_batches=(3,), kv_budget_gb=0.01)
+SMOKE = Settings(
+    TINY,
+    prefix_len=4,
+    train_batch=2,
+    train_seqlen=16,
+    train_warmup=1,
+    train_steps=2,
+    gen_batch=2,
+    prompt_len=8,
+    new_tokens=4,
+    serve_batches=(3,),
+    kv_budget_gb=0.01,
+)
 
 
 # ---------------------------------------------------------------------------------------------- model helpers
@@ -92,7 +120,9 @@ def build_model(settings: Settings, device, dtype):
 def weights_checksum(model) -> float:
     """Equal across methods when they run on the same weights (every build uses the same seed)."""
     model = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return float(model.lm_head.weight.float().sum()) + float(model.model.layers[0].self_attn.k_proj.weight.float().sum())
+    return float(model.lm_head.weight.float().sum()) + float(
+        model.model.layers[0].self_attn.k_proj.weight.float().sum()
+    )
 
 
 def cache_kwarg(model) -> str:
@@ -140,12 +170,18 @@ def random_prefix(model, plen: int, device, dtype):
     hkv = cfg.num_key_value_heads
     d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     g = torch.Generator(device="cpu").manual_seed(1)
-    return [(torch.randn(1, hkv, plen, d, generator=g).to(device, dtype),
-             torch.randn(1, hkv, plen, d, generator=g).to(device, dtype)) for _ in range(cfg.num_hidden_layers)]
+    return [
+        (
+            torch.randn(1, hkv, plen, d, generator=g).to(device, dtype),
+            torch.randn(1, hkv, plen, d, generator=g).to(device, dtype),
+        )
+        for _ in range(cfg.num_hidden_layers)
+    ]
 
 
-def prefixattn_model(settings: Settings, device, dtype, *, flat: bool, train: bool, backend: str = "auto",
-                     deterministic: bool = True):
+def prefixattn_model(
+    settings: Settings, device, dtype, *, flat: bool, train: bool, backend: str = "auto", deterministic: bool = True
+):
     """A model with a prefixattn adapter, per the package's transformers API (prefixattn/hf)."""
     import prefixattn
 
@@ -170,7 +206,7 @@ def free(device) -> None:
         torch.cuda.empty_cache()
 
 
-def peak_gb(device) -> Optional[float]:
+def peak_gb(device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 1e9 if timing.is_cuda(device) else None
 
 
@@ -180,13 +216,13 @@ def peak_gb(device) -> Optional[float]:
 class Bench(timing.BenchRun):
     reserve_s = 10.0
 
-    def __init__(self, args, settings: Settings, device, dtype, writer: ResultWriter, deadline: Deadline,
-                 progress: Progress):
+    def __init__(
+        self, args, settings: Settings, device, dtype, writer: ResultWriter, deadline: Deadline, progress: Progress
+    ):
         super().__init__(writer, deadline, progress)
         self.args, self.s, self.device, self.dtype = args, settings, device, dtype
 
-
-    def attempt(self, what: dict, fn: Callable[[], Optional[dict]]) -> Optional[dict]:
+    def attempt(self, what: dict, fn: Callable[[], dict | None]) -> dict | None:
         """Run one method; on failure record why (unavailable API, OOM, ...) and free memory."""
         label = " ".join(f"{k}={v}" for k, v in what.items())
         if self.out_of_time(label):
@@ -210,8 +246,10 @@ class Bench(timing.BenchRun):
         timing.synchronize(dev)
         if timing.is_cuda(dev):
             torch.cuda.reset_peak_memory_stats(dev)
-            ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                  for _ in range(s.train_steps)]
+            ev = [
+                (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                for _ in range(s.train_steps)
+            ]
             for a, b in ev:
                 a.record()
                 step()
@@ -229,11 +267,18 @@ class Bench(timing.BenchRun):
     def train_record(self, method: str, model, step, note: str) -> dict:
         s = self.s
         t = self.time_steps(step)
-        rec = self.record(kind="e2e_train_step", method=method, note=note, B=s.train_batch, S=s.train_seqlen,
-                          P=0 if method == "floor" else s.prefix_len, **t,
-                          trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
-                          weights_checksum=weights_checksum(model),
-                          anchor_ms=None if self.args.smoke else report.E2E_ANCHORS.get(("train", method)))
+        rec = self.record(
+            kind="e2e_train_step",
+            method=method,
+            note=note,
+            B=s.train_batch,
+            S=s.train_seqlen,
+            P=0 if method == "floor" else s.prefix_len,
+            **t,
+            trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+            weights_checksum=weights_checksum(model),
+            anchor_ms=None if self.args.smoke else report.E2E_ANCHORS.get(("train", method)),
+        )
         self.progress(f"train {method}: {t['ms']:.1f} ms/step, peak {t['peak_GB'] or 0:.1f} GB")
         return rec
 
@@ -252,6 +297,7 @@ class Bench(timing.BenchRun):
             def step():
                 x = embed(ids).detach().requires_grad_(True)
                 model(inputs_embeds=x, labels=ids).loss.backward()
+
             return self.train_record("floor", model, step, "frozen weights, input embeddings require grad, sdpa")
 
         def peft():
@@ -266,12 +312,14 @@ class Bench(timing.BenchRun):
                 pm(input_ids=ids, labels=ids).loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
+
             return self.train_record("peft", pm, step, "PEFT PrefixTuningConfig(prefix_projection=False), sdpa")
 
         def ours(flat: bool, backend: str = "auto"):
             def run():
-                model = prefixattn_model(s, dev, dt, flat=flat, train=True, backend=backend,
-                                         deterministic=backend != "sdpa")
+                model = prefixattn_model(
+                    s, dev, dt, flat=flat, train=True, backend=backend, deterministic=backend != "sdpa"
+                )
                 model.train()
                 params = [p for p in model.parameters() if p.requires_grad]
                 if not params:
@@ -282,12 +330,19 @@ class Bench(timing.BenchRun):
                     model(input_ids=ids, labels=ids).loss.backward()
                     opt.step()
                     opt.zero_grad(set_to_none=True)
+
                 name = "prefixattn_sdpa" if backend == "sdpa" else "prefixattn_flat" if flat else "prefixattn"
                 return self.train_record(name, model, step, f"prefixattn adapter flat={flat} backend={backend}")
+
             return run
 
-        runs = dict(floor=floor, prefixattn=ours(False), peft=peft, prefixattn_flat=ours(True),
-                    prefixattn_sdpa=ours(False, "sdpa"))
+        runs = dict(
+            floor=floor,
+            prefixattn=ours(False),
+            peft=peft,
+            prefixattn_flat=ours(True),
+            prefixattn_sdpa=ours(False, "sdpa"),
+        )
         if dev.type == "cpu" and not kernels.triton_interpreting():
             del runs["prefixattn_sdpa"]  # its prefix part is Triton
         wanted = self.args.train_methods.split(",") if self.args.train_methods else list(runs)
@@ -302,16 +357,25 @@ class Bench(timing.BenchRun):
 
     def generate(self, model, ids, mask, new_tokens: int, make_kwargs: Callable[[], dict] = dict):
         """One greedy generate() of exactly new_tokens tokens; returns (sequences, cache)."""
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
-                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, use_cache=True,
-                             return_dict_in_generate=True, **make_kwargs())
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+            use_cache=True,
+            return_dict_in_generate=True,
+            **make_kwargs(),
+        )
         cache = getattr(out, "cache", None)  # transformers 5.24; 5.17 calls it past_key_values
         if cache is None:
             cache = getattr(out, "past_key_values", None)
         return out.sequences, cache
 
-    def timed_generate(self, phase: str, method: str, model, batch: int, *, concat_prefix=None,
-                       extra: Optional[dict] = None) -> tuple:
+    def timed_generate(
+        self, phase: str, method: str, model, batch: int, *, concat_prefix=None, extra: dict | None = None
+    ) -> tuple:
         """Warm-up (full length), then gen_repeats timed runs (median); records throughput and memory."""
         s, dev = self.s, self.device
         ids, mask = self.prompt(batch)
@@ -337,23 +401,33 @@ class Bench(timing.BenchRun):
                 timing.synchronize(dev)
                 times.append(time.perf_counter() - t0)
         sec = sorted(times)[len(times) // 2]  # median
-        new = seqs[:, ids.shape[1]:]
+        new = seqs[:, ids.shape[1] :]
         if new.shape[1] != s.new_tokens:
             raise RuntimeError(f"generate produced {new.shape[1]} new tokens, expected {s.new_tokens}")
         stats = cache_stats(cache)
         peak = peak_gb(dev)
-        rec = dict(kind="e2e_generate", phase=phase, method=method, B=batch, prompt=s.prompt_len, new=s.new_tokens,
-                   P=0 if method == "noprefix" else s.prefix_len, s=sec, s_all=times,
-                   tok_per_s=batch * s.new_tokens / sec, peak_GB=peak,
-                   peak_extra_GB=None if peak is None else peak - base / 1e9, **stats,
-                   weights_checksum=weights_checksum(model),
-                   anchor_tok_per_s=None if self.args.smoke or batch != 64 else report.E2E_ANCHORS.get(("generate", method)))
+        rec = dict(
+            kind="e2e_generate",
+            phase=phase,
+            method=method,
+            B=batch,
+            prompt=s.prompt_len,
+            new=s.new_tokens,
+            P=0 if method == "noprefix" else s.prefix_len,
+            s=sec,
+            s_all=times,
+            tok_per_s=batch * s.new_tokens / sec,
+            peak_GB=peak,
+            peak_extra_GB=None if peak is None else peak - base / 1e9,
+            **stats,
+            weights_checksum=weights_checksum(model),
+            anchor_tok_per_s=None if self.args.smoke or batch != 64 else report.E2E_ANCHORS.get(("generate", method)),
+        )
         if stats:  # a sequence has at most prompt + new tokens; anything beyond that in the cache is a prefix
             rec["cache_holds_prefix"] = stats["cache_seqlen"] > s.prompt_len + s.new_tokens
         rec.update(extra or {})
         self.record(**rec)
-        self.progress(f"{phase} {method} B={batch}: {sec:.2f} s, {rec['tok_per_s']:.0f} tok/s, "
-                      f"peak {peak or 0:.1f} GB")
+        self.progress(f"{phase} {method} B={batch}: {sec:.2f} s, {rec['tok_per_s']:.0f} tok/s, peak {peak or 0:.1f} GB")
         return new.cpu(), rec
 
     def generate_phase(self) -> None:
@@ -373,18 +447,26 @@ class Bench(timing.BenchRun):
             pm = get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=s.prefix_len))
             pm.eval()
             with torch.no_grad():
-                peft_prefix.extend((k.detach().clone(), v.detach().clone())
-                                   for k, v in cache_layers(pm.get_prompt(batch_size=1)))
-            toks, rec = self.timed_generate("generate", "peft", pm, b, extra=dict(
-                note="PEFT's own generate(); see peft_* fields for what it did"))
+                peft_prefix.extend(
+                    (k.detach().clone(), v.detach().clone()) for k, v in cache_layers(pm.get_prompt(batch_size=1))
+                )
+            toks, rec = self.timed_generate(
+                "generate", "peft", pm, b, extra=dict(note="PEFT's own generate(); see peft_* fields for what it did")
+            )
             tokens["peft"] = toks
 
         def concat():
             model = build_model(s, dev, dt)
             prefix = peft_prefix or random_prefix(model, s.prefix_len, dev, dt)
             src = "PEFT's prefix (get_prompt)" if peft_prefix else "random prefix"
-            tokens["concat"], _ = self.timed_generate("generate", "concat", model, b, concat_prefix=prefix,
-                                                      extra=dict(note=f"DynamicCache preloaded with {src}"))
+            tokens["concat"], _ = self.timed_generate(
+                "generate",
+                "concat",
+                model,
+                b,
+                concat_prefix=prefix,
+                extra=dict(note=f"DynamicCache preloaded with {src}"),
+            )
 
         def ours():
             model = prefixattn_model(s, dev, dt, flat=False, train=False)
@@ -405,8 +487,11 @@ class Bench(timing.BenchRun):
             agree_np = verdict.get("token_agreement_with_noprefix")
             agree_cat = verdict.get("token_agreement_with_concat")
             if agree_cat is not None and peft_prefix:
-                verdict["conclusion"] = ("PEFT generate applies its prefix" if agree_cat > 0.99 else
-                                         "PEFT generate does NOT produce the prefixed model's tokens")
+                verdict["conclusion"] = (
+                    "PEFT generate applies its prefix"
+                    if agree_cat > 0.99
+                    else "PEFT generate does NOT produce the prefixed model's tokens"
+                )
             elif agree_np is not None:
                 verdict["conclusion"] = "same tokens as no prefix" if agree_np > 0.99 else "differs from no prefix"
             self.record(**verdict)
@@ -419,14 +504,18 @@ class Bench(timing.BenchRun):
             model = build_model(s, dev, dt)
             prefix = random_prefix(model, s.prefix_len, dev, dt)
             for b in s.serve_batches:
-                self.attempt(dict(phase="serve", method="concat", B=b),
-                             lambda b=b: self.timed_generate("serve", "concat", model, b, concat_prefix=prefix))
+                self.attempt(
+                    dict(phase="serve", method="concat", B=b),
+                    lambda b=b: self.timed_generate("serve", "concat", model, b, concat_prefix=prefix),
+                )
 
         def ours():
             model = prefixattn_model(s, dev, dt, flat=False, train=False)
             for b in s.serve_batches:
-                self.attempt(dict(phase="serve", method="prefixattn", B=b),
-                             lambda b=b: self.timed_generate("serve", "prefixattn", model, b))
+                self.attempt(
+                    dict(phase="serve", method="prefixattn", B=b),
+                    lambda b=b: self.timed_generate("serve", "prefixattn", model, b),
+                )
 
         self.attempt(dict(phase="serve", method="prefixattn"), ours)
         self.attempt(dict(phase="serve", method="concat"), concat)
@@ -438,8 +527,10 @@ class Bench(timing.BenchRun):
         d = cfg["hidden_size"] // cfg["num_attention_heads"]
         elt = self.dtype.itemsize
         tokens = s.prompt_len + s.new_tokens
-        per_seq = {"prefixattn": layers * timing.kv_bytes(tokens, hkv, d, elt),
-                   "concat": layers * timing.kv_bytes(tokens + s.prefix_len, hkv, d, elt)}
+        per_seq = {
+            "prefixattn": layers * timing.kv_bytes(tokens, hkv, d, elt),
+            "concat": layers * timing.kv_bytes(tokens + s.prefix_len, hkv, d, elt),
+        }
         shared = {"prefixattn": layers * timing.kv_bytes(s.prefix_len, hkv, d, elt), "concat": 0}
         budget = s.kv_budget_gb * 1e9
         measured = {}
@@ -448,11 +539,20 @@ class Bench(timing.BenchRun):
                 measured[r["method"]] = r["kv_cache_bytes"] / r["B"]
         for method in ("prefixattn", "concat"):
             max_b = int((budget - shared[method]) // per_seq[method])
-            self.record(kind="e2e_kvbudget", method=method, kv_budget_GB=s.kv_budget_gb, tokens_per_seq=tokens,
-                        P=s.prefix_len, bytes_per_seq=per_seq[method], shared_prefix_bytes=shared[method],
-                        measured_bytes_per_seq=measured.get(method), max_batch=max_b)
-            self.progress(f"kvbudget {method}: {per_seq[method] / 1e6:.2f} MB/seq -> max batch {max_b} "
-                          f"in {s.kv_budget_gb:g} GB")
+            self.record(
+                kind="e2e_kvbudget",
+                method=method,
+                kv_budget_GB=s.kv_budget_gb,
+                tokens_per_seq=tokens,
+                P=s.prefix_len,
+                bytes_per_seq=per_seq[method],
+                shared_prefix_bytes=shared[method],
+                measured_bytes_per_seq=measured.get(method),
+                max_batch=max_b,
+            )
+            self.progress(
+                f"kvbudget {method}: {per_seq[method] / 1e6:.2f} MB/seq -> max batch {max_b} in {s.kv_budget_gb:g} GB"
+            )
 
     def run(self, phases) -> None:
         if "train" in phases:
@@ -472,12 +572,22 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="prefixattn bench e2e", description=__doc__.split("\n")[0])
     p.add_argument("--phases", default=",".join(PHASES), help=f"comma list of {','.join(PHASES)}")
     p.add_argument("--quick", action="store_true", help="32 new tokens instead of 128, 6 timed train steps")
-    p.add_argument("--train-methods", default=None,
-                   help="comma list of floor,prefixattn,peft,prefixattn_flat,prefixattn_sdpa (default: all)")
+    p.add_argument(
+        "--train-methods",
+        default=None,
+        help="comma list of floor,prefixattn,peft,prefixattn_flat,prefixattn_sdpa (default: all)",
+    )
     p.add_argument("--gen-repeats", type=int, default=None)
     p.add_argument("--new-tokens", type=int, default=None)
     p.add_argument("--kv-budget-gb", type=float, default=None)
-    p.add_argument("--out", default=None, help="output directory (default: benchmarks/results; with --smoke a temporary directory, so CPU numbers never overwrite GPU results)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help=(
+            "output directory (default: benchmarks/results; with --smoke a temporary directory, "
+            "so CPU numbers never overwrite GPU results)"
+        ),
+    )
     p.add_argument("--budget-s", type=float, default=None)
     p.add_argument("--smoke", action="store_true", help="a tiny Llama on the CPU, float32")
     p.add_argument("--device", default=None)
@@ -498,8 +608,13 @@ def main(argv=None) -> int:
     if device is None:
         return 2
     settings = SMOKE if args.smoke else (QUICK if args.quick else FULL)
-    overrides = {k: v for k, v in dict(gen_repeats=args.gen_repeats, new_tokens=args.new_tokens,
-                                       kv_budget_gb=args.kv_budget_gb).items() if v is not None}
+    overrides = {
+        k: v
+        for k, v in dict(
+            gen_repeats=args.gen_repeats, new_tokens=args.new_tokens, kv_budget_gb=args.kv_budget_gb
+        ).items()
+        if v is not None
+    }
     settings = replace(settings, **overrides)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     timing.print_estimates("e2e", estimates(settings, phases))

@@ -2,7 +2,8 @@
 
 import sys
 
-from .report import render_dir, summary_main as main  # noqa: F401
+from .report import render_dir  # noqa: F401
+from .report import summary_main as main
 
 if __name__ == "__main__":
     sys.exit(main())

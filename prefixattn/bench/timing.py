@@ -15,15 +15,15 @@ import hashlib
 import json
 import math
 import os
-import re
 import platform
+import re
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -52,8 +52,9 @@ def l2_bytes(device) -> int:
     return int(getattr(props, "L2_cache_size", 0) or L2_FALLBACK_BYTES)
 
 
-def rotation_sets(bytes_per_set: int, device, *, factor: float = 3.0, minimum: int = 2, cap: int = 256,
-                  memory_cap: float = 8e9) -> int:
+def rotation_sets(
+    bytes_per_set: int, device, *, factor: float = 3.0, minimum: int = 2, cap: int = 256, memory_cap: float = 8e9
+) -> int:
     """How many input sets to cycle through so that one pass over them is `factor` x the L2 size.
 
     At least `minimum` (when memory allows), at most `cap`, and never more than `memory_cap` bytes in all.
@@ -65,7 +66,7 @@ def rotation_sets(bytes_per_set: int, device, *, factor: float = 3.0, minimum: i
 
 
 @contextlib.contextmanager
-def cpu_threads(n: Optional[int]):
+def cpu_threads(n: int | None):
     """Run with n CPU threads (None: unchanged), restoring the count afterwards (tests run in-process)."""
     before = torch.get_num_threads()
     if n is not None:
@@ -89,8 +90,16 @@ def _summary(times_ms: Sequence[float], **extra) -> dict:
     return dict(ms=statistics.median(ts), ms_min=ts[0], ms_p20=q[0], ms_p80=q[-1], reps=len(ts), **extra)
 
 
-def time_fns(fns: Sequence[Callable[[], object]], device, *, warmup_ms: float = 25.0, rep_ms: float = 100.0,
-             min_reps: int = 5, max_reps: int = 2000, flush_l2: bool = True) -> dict:
+def time_fns(
+    fns: Sequence[Callable[[], object]],
+    device,
+    *,
+    warmup_ms: float = 25.0,
+    rep_ms: float = 100.0,
+    min_reps: int = 5,
+    max_reps: int = 2000,
+    flush_l2: bool = True,
+) -> dict:
     """Median milliseconds of one call, each repeat calling the next closure of `fns` (one per input set).
 
     The first call of every closure happens before timing (compilation, autotuning, lazy init).
@@ -126,8 +135,9 @@ def time_fns(fns: Sequence[Callable[[], object]], device, *, warmup_ms: float = 
         fns[i % n]()
         ends[i].record()
     torch.cuda.synchronize(device)
-    return _summary([s.elapsed_time(e) for s, e in zip(starts, ends)], sets=n,
-                    timing="events+l2flush" if flush_l2 else "events")
+    return _summary(
+        [s.elapsed_time(e) for s, e in zip(starts, ends)], sets=n, timing="events+l2flush" if flush_l2 else "events"
+    )
 
 
 def _time_host(fns, warmup_ms, rep_ms, min_reps, max_reps) -> dict:
@@ -145,8 +155,16 @@ def _time_host(fns, warmup_ms, rep_ms, min_reps, max_reps) -> dict:
     return _summary(times, sets=n, timing="host_clock")
 
 
-def time_graph(fns: Sequence[Callable[[], object]], device, *, warmup_ms: float = 25.0, rep_ms: float = 100.0,
-               min_graph_ms: float = 0.5, max_calls: int = 512, min_reps: int = 5) -> dict:
+def time_graph(
+    fns: Sequence[Callable[[], object]],
+    device,
+    *,
+    warmup_ms: float = 25.0,
+    rep_ms: float = 100.0,
+    min_graph_ms: float = 0.5,
+    max_calls: int = 512,
+    min_reps: int = 5,
+) -> dict:
     """Median milliseconds per call, timed as replays of a CUDA graph that calls fns in turn.
 
     A graph of many calls removes the launch gaps that dominate microsecond kernels (decode). If capture
@@ -200,13 +218,14 @@ def time_graph(fns: Sequence[Callable[[], object]], device, *, warmup_ms: float 
         graph.replay()
         ends[i].record()
     torch.cuda.synchronize(device)
-    result = _summary([s.elapsed_time(e) / calls for s, e in zip(starts, ends)], sets=n, timing="cuda_graph",
-                      calls_per_graph=calls)
+    result = _summary(
+        [s.elapsed_time(e) / calls for s, e in zip(starts, ends)], sets=n, timing="cuda_graph", calls_per_graph=calls
+    )
     del graph
     return result
 
 
-def peak_extra_bytes(fn: Callable[[], object], device) -> Optional[int]:
+def peak_extra_bytes(fn: Callable[[], object], device) -> int | None:
     """Peak device memory one call allocates above what was allocated before it (None on the CPU)."""
     if not is_cuda(device):
         fn()
@@ -223,17 +242,16 @@ def measure_copy_ceiling(device, nbytes: int = 2 * 2**30) -> dict:
     """Device-to-device copy bandwidth, counting bytes read plus bytes written (METHOD.md)."""
     src = torch.randn(nbytes // 2, dtype=torch.bfloat16, device=device)
     dst = torch.empty_like(src)
-    r = time_fns([lambda: dst.copy_(src)], device, warmup_ms=10, rep_ms=50, flush_l2=False)
+    r = time_fns([lambda: dst.copy_(src)], device, warmup_ms=10, rep_ms=50, flush_l2=False)  # noqa: F821 (deleted after use to free device memory)
     del src, dst
-    return dict(kind="ceiling", what=f"d2d copy {nbytes / 1e9:.2f} GB", TBps=2 * nbytes / (r["ms"] * 1e-3) / 1e12,
-                **r)
+    return dict(kind="ceiling", what=f"d2d copy {nbytes / 1e9:.2f} GB", TBps=2 * nbytes / (r["ms"] * 1e-3) / 1e12, **r)
 
 
 def measure_gemm_ceiling(device, n: int = 8192) -> dict:
     """bf16 matrix product rate on random data (METHOD.md: zeros run faster)."""
     a = torch.randn(n, n, dtype=torch.bfloat16, device=device)
     b = torch.randn(n, n, dtype=torch.bfloat16, device=device)
-    r = time_fns([lambda: a @ b], device, warmup_ms=10, rep_ms=60, flush_l2=False)
+    r = time_fns([lambda: a @ b], device, warmup_ms=10, rep_ms=60, flush_l2=False)  # noqa: F821 (deleted after use to free device memory)
     del a, b
     return dict(kind="ceiling", what=f"bf16 gemm {n}^3", TFLOPs=2 * n**3 / (r["ms"] * 1e-3) / 1e12, **r)
 
@@ -241,8 +259,9 @@ def measure_gemm_ceiling(device, n: int = 8192) -> dict:
 # ---------------------------------------------------------------------------------------------- counts
 
 
-def attention_flops(batch: int, heads_q: int, seqlen_q: int, seqlen_k: int, prefix_len: int, head_dim: int, *,
-                    causal: bool = True) -> float:
+def attention_flops(
+    batch: int, heads_q: int, seqlen_q: int, seqlen_k: int, prefix_len: int, head_dim: int, *, causal: bool = True
+) -> float:
     """Forward FLOPs of the useful work: 2 matmuls x 2 FLOP per multiply-add over visible (query, key) pairs.
 
     Causal (bottom-right): Sq*(Sq+1)/2 pairs in the triangle, diagonal included, as the anchors count,
@@ -275,7 +294,7 @@ def decode_bytes_concat(batch: int, seqlen_k: int, prefix_len: int, heads_kv: in
 # ---------------------------------------------------------------------------------------------- records
 
 
-def _version(distribution: str) -> Optional[str]:
+def _version(distribution: str) -> str | None:
     """Installed version from package metadata (no import: transformers alone takes seconds to import)."""
     from importlib import metadata
 
@@ -285,14 +304,19 @@ def _version(distribution: str) -> Optional[str]:
         return None
 
 
-def git_commit() -> Optional[str]:
+def git_commit() -> str | None:
     if os.environ.get("PREFIXATTN_GIT_COMMIT"):
         return os.environ["PREFIXATTN_GIT_COMMIT"]
     try:
-        sha = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        sha = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except Exception:  # noqa: BLE001 - no git on the machine, or not a checkout
         return None
     if not re.fullmatch(r"[0-9a-f]{40}", sha):  # e.g. a copied tree whose .git holds no commits: "HEAD"
@@ -314,17 +338,25 @@ def source_digest() -> str:
     return h.hexdigest()[:12]
 
 
-def _nvidia_smi() -> Optional[dict]:
+def _nvidia_smi() -> dict | None:
     query = "driver_version,clocks.sm,clocks.mem,clocks.max.sm,power.limit,temperature.gpu"
     try:
-        out = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=15).stdout.strip().splitlines()
+        out = (
+            subprocess.run(
+                ["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=15,
+            )
+            .stdout.strip()
+            .splitlines()
+        )
     except Exception:  # noqa: BLE001 - no nvidia-smi
         return None
     return dict(zip(query.split(","), (v.strip() for v in out[0].split(",")))) if out else None
 
 
-def environment(device, argv: Optional[Sequence[str]] = None) -> dict:
+def environment(device, argv: Sequence[str] | None = None) -> dict:
     """The record that opens every results file: machine, versions, code."""
     import prefixattn
 
@@ -355,9 +387,14 @@ def environment(device, argv: Optional[Sequence[str]] = None) -> dict:
         env["cuda_extension"] = f"unavailable: {type(exc).__name__}: {exc}"[:200]
     if is_cuda(device):
         props = torch.cuda.get_device_properties(device)
-        env.update(device_name=props.name, sm_count=props.multi_processor_count,
-                   capability=f"{props.major}.{props.minor}", total_memory_GB=props.total_memory / 1e9,
-                   l2_MB=l2_bytes(device) / 2**20, nvidia_smi=_nvidia_smi())
+        env.update(
+            device_name=props.name,
+            sm_count=props.multi_processor_count,
+            capability=f"{props.major}.{props.minor}",
+            total_memory_GB=props.total_memory / 1e9,
+            l2_MB=l2_bytes(device) / 2**20,
+            nvidia_smi=_nvidia_smi(),
+        )
     else:
         env.update(device_name=platform.processor() or "cpu", cpu_count=os.cpu_count())
     return env
@@ -367,7 +404,7 @@ class ResultWriter:
     """Collects records and rewrites `path` (a JSON list) after each one, atomically, so a run that is
     killed half-way still leaves a valid file with everything measured so far."""
 
-    def __init__(self, path, env: Optional[dict] = None):
+    def __init__(self, path, env: dict | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.records: list[dict] = []
@@ -405,8 +442,17 @@ def error_text(exc: BaseException, limit: int = 400) -> str:
 def is_fatal_cuda_error(exc: BaseException) -> bool:
     """A sticky CUDA error (illegal address, launch failure): nothing on this device works afterwards."""
     text = str(exc).lower()
-    return any(s in text for s in ("illegal memory access", "illegal address", "unspecified launch failure",
-                                   "device-side assert", "misaligned address", "an illegal instruction"))
+    return any(
+        s in text
+        for s in (
+            "illegal memory access",
+            "illegal address",
+            "unspecified launch failure",
+            "device-side assert",
+            "misaligned address",
+            "an illegal instruction",
+        )
+    )
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -427,7 +473,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 class Deadline:
     """The wall-clock budget of a run; benchmarks stop cleanly (and say so) when it runs out."""
 
-    def __init__(self, budget_s: Optional[float]):
+    def __init__(self, budget_s: float | None):
         self.t0 = time.monotonic()
         self.budget_s = budget_s
 
@@ -444,7 +490,7 @@ class Deadline:
 class Progress:
     """Concise progress lines on stderr: `[attention 12/69 41s] main P=128 concat_mask fwd 1.283 ms`."""
 
-    def __init__(self, label: str, total: Optional[int] = None, stream=None):
+    def __init__(self, label: str, total: int | None = None, stream=None):
         self.label, self.total, self.done = label, total, 0
         self.stream = stream if stream is not None else sys.stderr
         self.t0 = time.monotonic()
@@ -459,14 +505,13 @@ class Progress:
         self(message, advance=False)
 
 
-
 class BenchRun:
     """What every benchmark run shares: the results writer, the time budget, progress lines, and how a
     failure is recorded (a sticky CUDA error stops the run: nothing on the device works afterwards)."""
 
     reserve_s = 5.0  # stop this long before the budget ends, so the results are written in time
 
-    def __init__(self, writer: "ResultWriter", deadline: Deadline, progress: "Progress"):
+    def __init__(self, writer: ResultWriter, deadline: Deadline, progress: Progress):
         self.writer, self.deadline, self.progress = writer, deadline, progress
         self.stopped = False
 
@@ -491,7 +536,8 @@ class BenchRun:
             self.stopped = True
             raise SystemExit(f"fatal CUDA error, stopping: {error_text(exc)}")
 
-def device_and_phases(args, known_phases) -> tuple[Optional[torch.device], list]:
+
+def device_and_phases(args, known_phases) -> tuple[torch.device | None, list]:
     """The device (--device, else CUDA unless --smoke) and the --phases list of a benchmark's command line;
     (None, []) after printing why when there is no GPU for a real run or a phase is unknown."""
     device = torch.device(args.device or ("cpu" if args.smoke or not torch.cuda.is_available() else "cuda"))
@@ -501,8 +547,9 @@ def device_and_phases(args, known_phases) -> tuple[Optional[torch.device], list]
     phases = [p.strip() for p in args.phases.split(",") if p.strip()]
     unknown = set(phases) - set(known_phases)
     if unknown:
-        print(f"--phases: unknown {sorted(unknown)}; expected a comma list of {','.join(known_phases)}",
-              file=sys.stderr)
+        print(
+            f"--phases: unknown {sorted(unknown)}; expected a comma list of {','.join(known_phases)}", file=sys.stderr
+        )
         return None, []
     return device, phases
 
@@ -511,11 +558,12 @@ def print_estimates(label: str, estimates: dict, stream=None) -> None:
     """Print each phase's expected wall time before starting (the GPU lease is short)."""
     stream = stream if stream is not None else sys.stderr
     parts = ", ".join(f"{k} ~{v:.0f}s" for k, v in estimates.items())
-    print(f"[{label}] phases and H200 estimates: {parts} (total ~{sum(estimates.values()):.0f}s)", file=stream,
-          flush=True)
+    print(
+        f"[{label}] phases and H200 estimates: {parts} (total ~{sum(estimates.values()):.0f}s)", file=stream, flush=True
+    )
 
 
-def results_dir(out: Optional[str], smoke: bool) -> Path:
+def results_dir(out: str | None, smoke: bool) -> Path:
     """--out, else benchmarks/results; a smoke run writes to a temporary directory so CPU numbers never
     overwrite GPU results."""
     if out:
@@ -523,7 +571,7 @@ def results_dir(out: Optional[str], smoke: bool) -> Path:
     return Path(tempfile.gettempdir()) / "prefixattn-smoke" if smoke else Path("benchmarks/results")
 
 
-def run_phases(bench, phases, cpu_threads_n: Optional[int]) -> None:
+def run_phases(bench, phases, cpu_threads_n: int | None) -> None:
     """Run a benchmark's phases; a fatal CUDA error (SystemExit from BenchRun.fail) ends the run, not the
     script, so everything measured until then is still reported."""
     try:
@@ -533,7 +581,7 @@ def run_phases(bench, phases, cpu_threads_n: Optional[int]) -> None:
         print(str(exc), file=sys.stderr)
 
 
-def finish_run(name: str, writer: "ResultWriter", out_dir: Path, targets, table, plot=None) -> int:
+def finish_run(name: str, writer: ResultWriter, out_dir: Path, targets, table, plot=None) -> int:
     """Add the target verdicts, write and print NAME.txt, draw NAME.png; exit code 1 if anything failed."""
     for t in targets(writer.records):
         writer.add(t)
@@ -549,4 +597,3 @@ def finish_run(name: str, writer: "ResultWriter", out_dir: Path, targets, table,
         if png:
             print(f"wrote {out_dir / (name + '.json')}, {png}", file=sys.stderr)
     return 1 if any(r.get("kind") == "error" for r in writer.records) else 0
-

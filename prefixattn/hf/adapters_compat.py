@@ -15,8 +15,6 @@ relative-bias window); prefixattn does not reproduce that quirk (docs/hf.md).
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from ..tuning.adapter import LOCATIONS, PrefixAdapter
@@ -28,11 +26,26 @@ from .install import get_store, install_adapter
 
 ADAPTERS_CONFIG = "adapter_config.json"
 ADAPTERS_WEIGHTS = ("adapter.safetensors", "pytorch_adapter.bin")
-MLP_PARAMS = ("wte.weight", "control_trans.0.weight", "control_trans.0.bias", "control_trans.2.weight",
-              "control_trans.2.bias")
+MLP_PARAMS = (
+    "wte.weight",
+    "control_trans.0.weight",
+    "control_trans.0.bias",
+    "control_trans.2.weight",
+    "control_trans.2.bias",
+)
 FLAT_PARAM = "control_trans"
-_CONFIG_FIELDS = ("flat", "prefix_length", "bottleneck_size", "non_linearity", "dropout", "encoder_prefix",
-                  "cross_prefix", "leave_out", "use_gating", "shared_gating")
+_CONFIG_FIELDS = (
+    "flat",
+    "prefix_length",
+    "bottleneck_size",
+    "non_linearity",
+    "dropout",
+    "encoder_prefix",
+    "cross_prefix",
+    "leave_out",
+    "use_gating",
+    "shared_gating",
+)
 _IGNORED_FIELDS = ("architecture", "init_weights_seed")  # no effect on a trained adapter
 _SAME_FAMILY = {"mt5": "t5"}
 
@@ -42,8 +55,10 @@ WHO = "load_adapters_prefix"
 def _config(cfg: dict, path: str) -> PrefixTuningConfig:
     unknown = sorted(set(cfg) - set(_CONFIG_FIELDS) - set(_IGNORED_FIELDS))
     if unknown:
-        raise ValueError(f"{WHO}: {path} has config fields {unknown} that prefixattn does not know; refusing to guess "
-                         f"what they change")
+        raise ValueError(
+            f"{WHO}: {path} has config fields {unknown} that prefixattn does not know; refusing to guess "
+            f"what they change"
+        )
     try:
         return PrefixTuningConfig(**{k: cfg[k] for k in _CONFIG_FIELDS if k in cfg})
     except (TypeError, ValueError) as e:
@@ -67,16 +82,21 @@ def _split_keys(tensors: dict, saved_name: str, path: str) -> tuple[dict, dict]:
             continue
         if slot in target:
             if target[slot].shape != t.shape or not torch.equal(target[slot], t):
-                raise ValueError(f"{WHO}: {path}: the copies of {slot[0]}.{slot[1]} disagree ({key}); the file is "
-                                 f"inconsistent")
+                raise ValueError(
+                    f"{WHO}: {path}: the copies of {slot[0]}.{slot[1]} disagree ({key}); the file is inconsistent"
+                )
             continue
         target[slot] = t
     if unexpected:
-        raise ValueError(f"{WHO}: {path} holds tensors that are not prefix tuning of adapter {saved_name!r}: "
-                         f"{unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+        raise ValueError(
+            f"{WHO}: {path} holds tensors that are not prefix tuning of adapter {saved_name!r}: "
+            f"{unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"
+        )
     if not gens:
-        raise ValueError(f"{WHO}: {path} holds no prefix tensors of adapter {saved_name!r} (keys like "
-                         f"'...prefix_tunings.{saved_name}.self_prefix...'); it holds {sorted(tensors)[:5]}")
+        raise ValueError(
+            f"{WHO}: {path} holds no prefix tensors of adapter {saved_name!r} (keys like "
+            f"'...prefix_tunings.{saved_name}.self_prefix...'); it holds {sorted(tensors)[:5]}"
+        )
     return gens, gates
 
 
@@ -92,8 +112,10 @@ def _form(gens: dict, path: str) -> dict[str, str]:
         elif params == sorted(MLP_PARAMS):
             forms[loc] = "mlp"
         else:
-            raise ValueError(f"{WHO}: {path}: location {loc!r} has tensors {params}; expected either the MLP "
-                             f"({list(MLP_PARAMS)}) or the flat vector ({FLAT_PARAM!r})")
+            raise ValueError(
+                f"{WHO}: {path}: location {loc!r} has tensors {params}; expected either the MLP "
+                f"({list(MLP_PARAMS)}) or the flat vector ({FLAT_PARAM!r})"
+            )
     if len(set(forms.values())) > 1:
         raise ValueError(f"{WHO}: {path} mixes MLP and flat locations ({forms})")
     return forms
@@ -110,11 +132,11 @@ def _site_paths(model) -> dict[str, tuple]:
             continue
         out[name] = site
         if prefix and name.startswith(prefix + "."):
-            out.setdefault(name[len(prefix) + 1:], site)
+            out.setdefault(name[len(prefix) + 1 :], site)
     return out
 
 
-def read_adapters_checkpoint(model, path, adapter_name: Optional[str]) -> PrefixAdapter:
+def read_adapters_checkpoint(model, path, adapter_name: str | None) -> PrefixAdapter:
     """Build a validated PrefixAdapter from an adapters checkpoint; touches no model."""
     store = get_store(model)
     geometry = store.geometry
@@ -122,14 +144,17 @@ def read_adapters_checkpoint(model, path, adapter_name: Optional[str]) -> Prefix
     meta = read_json(directory, ADAPTERS_CONFIG, WHO)
     cfg_path = f"{directory}/{ADAPTERS_CONFIG}"
     if "peft_type" in meta:
-        raise ValueError(f"{WHO}: {cfg_path} is a PEFT checkpoint (peft_type {meta['peft_type']!r}); use "
-                         f"prefixattn.load_peft_prefix")
+        raise ValueError(
+            f"{WHO}: {cfg_path} is a PEFT checkpoint (peft_type {meta['peft_type']!r}); use prefixattn.load_peft_prefix"
+        )
     cfg = meta.get("config")
     if not isinstance(cfg, dict):
         raise ValueError(f"{WHO}: {cfg_path} has no 'config' object; not an adapters checkpoint")
     if cfg.get("architecture") != "prefix_tuning":
-        raise ValueError(f"{WHO}: {cfg_path} holds an adapter of architecture {cfg.get('architecture')!r}; only "
-                         f"'prefix_tuning' adapters can be imported")
+        raise ValueError(
+            f"{WHO}: {cfg_path} holds an adapter of architecture {cfg.get('architecture')!r}; only "
+            f"'prefix_tuning' adapters can be imported"
+        )
     saved_name = meta.get("name")
     if not isinstance(saved_name, str) or not saved_name:
         raise ValueError(f"{WHO}: {cfg_path} has no adapter 'name' (needed to find its tensors)")
@@ -139,12 +164,15 @@ def read_adapters_checkpoint(model, path, adapter_name: Optional[str]) -> Prefix
     here = f"{geometry.model_class} ({geometry.model_type})"
     saved_type = meta.get("model_type")
     if saved_type is not None and _SAME_FAMILY.get(saved_type, saved_type) != _SAME_FAMILY.get(
-            geometry.model_type, geometry.model_type):
+        geometry.model_type, geometry.model_type
+    ):
         raise ValueError(f"{WHO}: the checkpoint was made for {made_for}, not for this {here}")
     hidden = {spec.hidden_size for spec in geometry.locations.values()}
     if meta.get("hidden_size") is not None and meta["hidden_size"] not in hidden:
-        raise ValueError(f"{WHO}: the checkpoint was made for hidden size {meta['hidden_size']} ({made_for}); this "
-                         f"{here} has {sorted(hidden)}")
+        raise ValueError(
+            f"{WHO}: the checkpoint was made for hidden size {meta['hidden_size']} ({made_for}); this "
+            f"{here} has {sorted(hidden)}"
+        )
     config = _config(cfg, cfg_path)
 
     weights = find_weights(directory, ADAPTERS_WEIGHTS, WHO)
@@ -162,8 +190,10 @@ def read_adapters_checkpoint(model, path, adapter_name: Optional[str]) -> Prefix
     except ValueError as e:
         raise ValueError(f"{WHO}: the checkpoint's config does not fit this {here}: {e}") from None
     if sorted(forms) != sorted(adapter.rows):
-        raise ValueError(f"{WHO}: the checkpoint has prefixes at {sorted(forms)}, but its config on this {here} "
-                         f"gives {sorted(adapter.rows)}; it was made for another model ({made_for})")
+        raise ValueError(
+            f"{WHO}: the checkpoint has prefixes at {sorted(forms)}, but its config on this {here} "
+            f"gives {sorted(adapter.rows)}; it was made for another model ({made_for})"
+        )
 
     state = {}
     for loc in adapter.rows:
@@ -173,7 +203,8 @@ def read_adapters_checkpoint(model, path, adapter_name: Optional[str]) -> Prefix
             if vec.dim() != 1 or vec.numel() != p * n * 2 * h * d:
                 raise ValueError(
                     f"{WHO}: {loc}.{FLAT_PARAM} has shape {list(vec.shape)}; expected a vector of P*L*2*H*d = "
-                    f"{p}*{n}*2*{h}*{d} = {p * n * 2 * h * d} values for this {here}")
+                    f"{p}*{n}*2*{h}*{d} = {p * n * 2 * h * d} values for this {here}"
+                )
             state[f"generators.{loc}.prefix"] = vec.view(p, n, 2, h, d).permute(1, 2, 3, 0, 4)
         else:
             for param in MLP_PARAMS:
@@ -182,14 +213,17 @@ def read_adapters_checkpoint(model, path, adapter_name: Optional[str]) -> Prefix
     for (module, param), t in gates.items():
         site = sites.get(module)
         if site is None:
-            raise ValueError(f"{WHO}: the checkpoint has a gate at {module!r}, which is no attention module of this "
-                             f"{here}; it was made for another model ({made_for})")
+            raise ValueError(
+                f"{WHO}: the checkpoint has a gate at {module!r}, which is no attention module of this "
+                f"{here}; it was made for another model ({made_for})"
+            )
         state[f"gates.{site[0]}_{site[1]}.linear.{param}"] = t
-    return load_checked_state(adapter, state, who=WHO, model=here,
-                              origin=f"; it was made for another model ({made_for})")
+    return load_checked_state(
+        adapter, state, who=WHO, model=here, origin=f"; it was made for another model ({made_for})"
+    )
 
 
-def load_adapters_prefix(model, path, adapter_name: Optional[str] = None, *, set_active: bool = False) -> str:
+def load_adapters_prefix(model, path, adapter_name: str | None = None, *, set_active: bool = False) -> str:
     """Import an adapters (AdapterHub) prefix-tuning checkpoint, MLP or flat form, gates included, as adapter
     `adapter_name` (default: the name saved in the checkpoint). Everything is read and checked before the
     model changes. Returns the adapter's name."""

@@ -13,8 +13,6 @@ function turns into an additive 0/-inf attn_bias on the sequence keys (the prefi
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 from transformers import AttentionInterface, AttentionMaskInterface
@@ -45,17 +43,24 @@ class LightMask:
     ndim = 4
     __slots__ = ("padding", "q_offset", "q_length", "kv_length", "causal")
 
-    def __init__(self, padding: Optional[Tensor], q_offset, q_length: int, kv_length: int, causal: bool):
+    def __init__(self, padding: Tensor | None, q_offset, q_length: int, kv_length: int, causal: bool):
         self.padding, self.q_offset, self.q_length, self.kv_length, self.causal = (
-            padding, q_offset, q_length, kv_length, causal)
+            padding,
+            q_offset,
+            q_length,
+            kv_length,
+            causal,
+        )
 
     def __repr__(self):
         pad = None if self.padding is None else list(self.padding.shape)
-        return (f"LightMask(padding={pad}, q_offset={self.q_offset}, q_length={self.q_length}, "
-                f"kv_length={self.kv_length}, causal={self.causal})")
+        return (
+            f"LightMask(padding={pad}, q_offset={self.q_offset}, q_length={self.q_length}, "
+            f"kv_length={self.kv_length}, causal={self.causal})"
+        )
 
 
-def _fit_padding(padding: Optional[Tensor], kv_length: int) -> Optional[Tensor]:
+def _fit_padding(padding: Tensor | None, kv_length: int) -> Tensor | None:
     """The 2-D mask indexed by absolute key position, cut or padded (with False) to kv_length keys."""
     if padding is None:
         return None
@@ -67,7 +72,7 @@ def _fit_padding(padding: Optional[Tensor], kv_length: int) -> Optional[Tensor]:
     return padding
 
 
-def _drop_if_all_real(padding: Optional[Tensor]) -> Optional[Tensor]:
+def _drop_if_all_real(padding: Tensor | None) -> Tensor | None:
     """None for a mask with no padded key (what a tokenizer returns for an unpadded batch), so kernels skip the
     mask and backend "sdpa", which takes none, can run. One host sync per mask, i.e. per forward, as
     transformers' sdpa path does; skipped while compiling or capturing a CUDA graph (the mask stays)."""
@@ -78,8 +83,16 @@ def _drop_if_all_real(padding: Optional[Tensor]) -> Optional[Tensor]:
     return None if bool(padding.all()) else padding
 
 
-def prefixattn_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0,
-                    mask_function=causal_mask_function, attention_mask=None, **kwargs):
+def prefixattn_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset=0,
+    kv_offset=0,
+    mask_function=causal_mask_function,
+    attention_mask=None,
+    **kwargs,
+):
     """Mask function for AttentionMaskInterface (called by create_causal_mask / create_bidirectional_mask)."""
     plain = mask_function is causal_mask_function or mask_function is bidirectional_mask_function
     if isinstance(attention_mask, LightMask):
@@ -90,13 +103,27 @@ def prefixattn_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, 
         # A StaticCache hands q_offset over as its own length counter, which the first layer's cache update
         # then increments in place: take its value now (one host sync per forward, none per layer).
         q_offset = int(q_offset)
-        return LightMask(_drop_if_all_real(_fit_padding(attention_mask, kv_length)), q_offset, q_length, kv_length,
-                         causal=mask_function is causal_mask_function)
+        return LightMask(
+            _drop_if_all_real(_fit_padding(attention_mask, kv_length)),
+            q_offset,
+            q_length,
+            kv_length,
+            causal=mask_function is causal_mask_function,
+        )
     kwargs.pop("allow_is_causal_skip", None)
     kwargs.pop("allow_is_bidirectional_skip", None)
-    mask = sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
-                     kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
-                     allow_is_causal_skip=False, allow_is_bidirectional_skip=False, **kwargs)
+    mask = sdpa_mask(
+        batch_size=batch_size,
+        q_length=q_length,
+        kv_length=kv_length,
+        q_offset=q_offset,
+        kv_offset=kv_offset,
+        mask_function=mask_function,
+        attention_mask=attention_mask,
+        allow_is_causal_skip=False,
+        allow_is_bidirectional_skip=False,
+        **kwargs,
+    )
     dtype = kwargs.get("dtype")
     if isinstance(mask, Tensor) and mask.dtype == torch.bool and dtype is not None and dtype.is_floating_point:
         # Additive 0/-inf once per forward here, rather than once per layer in the attention function.
@@ -134,8 +161,10 @@ def _translate_mask(module, query: Tensor, key: Tensor, value: Tensor, attention
         kpm = attention_mask[:, :keep].to(torch.bool)
         causal = bool(getattr(module, "is_causal", False)) and sq > 1
     else:
-        raise TypeError(f"prefixattn attention: unsupported attention_mask {type(attention_mask).__name__} "
-                        f"of shape {getattr(attention_mask, 'shape', None)}")
+        raise TypeError(
+            f"prefixattn attention: unsupported attention_mask {type(attention_mask).__name__} "
+            f"of shape {getattr(attention_mask, 'shape', None)}"
+        )
     if keep < sk:
         key, value = key[:, :, :keep], value[:, :, :keep]
     position_bias = kwargs.get("position_bias")  # T5: relative position bias on the sequence keys only
@@ -151,8 +180,9 @@ def _translate_mask(module, query: Tensor, key: Tensor, value: Tensor, attention
     return key, value, causal, kpm, bias
 
 
-def prefixattn_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_mask, scaling=None,
-                         dropout: float = 0.0, **kwargs):
+def prefixattn_attention(
+    module, query: Tensor, key: Tensor, value: Tensor, attention_mask, scaling=None, dropout: float = 0.0, **kwargs
+):
     """AttentionInterface function: q [B, Hq, Sq, D], k/v [B, Hkv, Sk, D] -> ([B, Sq, Hq, D], None)."""
     device_type = query.device.type
     if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
@@ -169,17 +199,33 @@ def prefixattn_attention(module, query: Tensor, key: Tensor, value: Tensor, atte
     prefix = None
     site = module.__dict__.get(SITE_ATTR)
     if ctx is not None and site is not None:
-        prefix = ctx.layer_prefix(site[0], site[1], dtype=query.dtype, batch=query.shape[0],
-                                  hidden_states=module.__dict__.pop(HIDDEN_ATTR, None))
+        prefix = ctx.layer_prefix(
+            site[0],
+            site[1],
+            dtype=query.dtype,
+            batch=query.shape[0],
+            hidden_states=module.__dict__.pop(HIDDEN_ATTR, None),
+        )
     if prefix is not None and T5_BIAS_ATTR in module.__dict__:
         from .positions import t5_prefix_columns  # T5 in PEFT's position frame (prefix columns get a bias)
 
         key, value, kpm, bias, prefix = t5_prefix_columns(module, store, query, key, value, kpm, bias, prefix)
     pk, pv, pidx, plen = prefix if prefix is not None else (None, None, None, None)
     out = prefix_attention(
-        query, key, value, pk, pv, prefix_index=pidx, prefix_lengths=plen, causal=causal, key_padding_mask=kpm,
-        softmax_scale=scaling, backend=store.backend if store is not None else "auto", attn_bias=bias,
-        dropout_p=float(dropout or 0.0), deterministic=store.deterministic if store is not None else True,
+        query,
+        key,
+        value,
+        pk,
+        pv,
+        prefix_index=pidx,
+        prefix_lengths=plen,
+        causal=causal,
+        key_padding_mask=kpm,
+        softmax_scale=scaling,
+        backend=store.backend if store is not None else "auto",
+        attn_bias=bias,
+        dropout_p=float(dropout or 0.0),
+        deterministic=store.deterministic if store is not None else True,
     )
     return out.transpose(1, 2), None
 

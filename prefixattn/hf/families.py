@@ -10,8 +10,8 @@ its id (as in adapters).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 from torch import nn
 
@@ -57,7 +57,7 @@ def _require(obj, path: str, model):
     return cur
 
 
-def _check_proj(model, module: nn.Module, proj_out: Optional[int], heads: int, head_dim: int, where: str):
+def _check_proj(model, module: nn.Module, proj_out: int | None, heads: int, head_dim: int, where: str):
     if proj_out is not None and proj_out != heads * head_dim:
         raise UnsupportedModelError(
             f"prefixattn: {_model_name(model)}: the config gives {heads} KV heads x head dim {head_dim} = "
@@ -75,11 +75,16 @@ def _llama_sites(model) -> tuple[list[Site], ModelGeometry]:
     sites = []
     for i, layer in enumerate(layers):
         attn = _require(layer, "self_attn", model)
-        _check_proj(model, attn, getattr(getattr(attn, "k_proj", None), "out_features", None), hkv, head_dim,
-                    f"layer {i}")
+        _check_proj(
+            model, attn, getattr(getattr(attn, "k_proj", None), "out_features", None), hkv, head_dim, f"layer {i}"
+        )
         sites.append(Site(SELF, i, attn))
-    geometry = ModelGeometry(config.model_type, type(model).__name__, len(sites),
-                             {SELF: LocationSpec(SELF, tuple(range(len(sites))), hkv, head_dim, config.hidden_size)})
+    geometry = ModelGeometry(
+        config.model_type,
+        type(model).__name__,
+        len(sites),
+        {SELF: LocationSpec(SELF, tuple(range(len(sites))), hkv, head_dim, config.hidden_size)},
+    )
     return sites, geometry
 
 
@@ -96,8 +101,12 @@ def _gpt2_sites(model) -> tuple[list[Site], ModelGeometry]:
             raise UnsupportedModelError(f"prefixattn: {_model_name(model)}: layer {i} heads disagree with the config")
         sites.append(Site(SELF, i, attn))
     # GPT-2's optional cross-attention (add_cross_attention) is left without a prefix.
-    geometry = ModelGeometry(config.model_type, type(model).__name__, len(sites),
-                             {SELF: LocationSpec(SELF, tuple(range(len(sites))), heads, head_dim, config.n_embd)})
+    geometry = ModelGeometry(
+        config.model_type,
+        type(model).__name__,
+        len(sites),
+        {SELF: LocationSpec(SELF, tuple(range(len(sites))), heads, head_dim, config.n_embd)},
+    )
     return sites, geometry
 
 
@@ -111,8 +120,9 @@ def _encdec_geometry(model, enc: list, dec_self: list, dec_cross: list, heads_of
             continue
         geo = {heads_of(loc, m) for m in modules}
         if len(geo) != 1:
-            raise UnsupportedModelError(f"prefixattn: {_model_name(model)}: {loc} layers have different head shapes "
-                                        f"{sorted(geo)}")
+            raise UnsupportedModelError(
+                f"prefixattn: {_model_name(model)}: {loc} layers have different head shapes {sorted(geo)}"
+            )
         hkv, head_dim = geo.pop()
         layers = tuple(base + i for i in range(len(modules)))
         locations[loc] = LocationSpec(loc, layers, hkv, head_dim, hidden)

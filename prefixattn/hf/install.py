@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import types
-from typing import Optional
 
 import torch
 from torch import nn
@@ -33,8 +32,9 @@ def get_store(model) -> PrefixStore:
     """The PrefixStore of a model prepared with prefixattn.init (raises if it was not)."""
     store = getattr(model, "_modules", {}).get(STORE_NAME) if isinstance(model, nn.Module) else None
     if not isinstance(store, PrefixStore):
-        raise ValueError(f"{type(model).__name__} was not prepared for prefix tuning; call prefixattn.init(model) "
-                         f"first")
+        raise ValueError(
+            f"{type(model).__name__} was not prepared for prefix tuning; call prefixattn.init(model) first"
+        )
     return store
 
 
@@ -68,8 +68,10 @@ def init(model: PreTrainedModel, backend: str = "auto", deterministic: bool = Tr
         existing.backend, existing.deterministic = backend, deterministic
         return model
     if existing is not None or STORE_NAME in model.__dict__:
-        raise ValueError(f"prefixattn.init: {type(model).__name__} already has an attribute {STORE_NAME!r} "
-                         f"(was it prepared by another prefix-tuning library?)")
+        raise ValueError(
+            f"prefixattn.init: {type(model).__name__} already has an attribute {STORE_NAME!r} "
+            f"(was it prepared by another prefix-tuning library?)"
+        )
     sites, geometry = find_sites(model)  # raises before anything changes
     attn.register()
 
@@ -78,8 +80,14 @@ def init(model: PreTrainedModel, backend: str = "auto", deterministic: bool = Tr
     model.add_module(STORE_NAME, store)
     probe = sites[0].module
     store.__dict__["_probe_module"] = probe  # plain attribute: a child module would make a reference cycle
-    store.__dict__["_gc_probe"] = next((m for m in model.modules() if hasattr(m, "_gradient_checkpointing_func")
-                                        or hasattr(m, "gradient_checkpointing")), None)
+    store.__dict__["_gc_probe"] = next(
+        (
+            m
+            for m in model.modules()
+            if hasattr(m, "_gradient_checkpointing_func") or hasattr(m, "gradient_checkpointing")
+        ),
+        None,
+    )
     for site in sites:
         site.module.__dict__[attn.SITE_ATTR] = (site.location, site.layer)
         site.module.__dict__[attn.STORE_ATTR] = store
@@ -195,8 +203,14 @@ def install_adapter(store: PrefixStore, adapter, set_active: bool) -> str:
     return adapter.name
 
 
-def add_adapter(self, adapter_name: str, config=None, overwrite_ok: bool = False, set_active: bool = False,
-                metadata: Optional[dict] = None):
+def add_adapter(
+    self,
+    adapter_name: str,
+    config=None,
+    overwrite_ok: bool = False,
+    set_active: bool = False,
+    metadata: dict | None = None,
+):
     """Add a prefix-tuning adapter (adapters' signature). config: PrefixTuningConfig, dict, preset name or None.
 
     Parameters are created in float32 on the model's device; each forward casts the prefix to the compute
@@ -254,7 +268,7 @@ def save_adapter(self, save_directory: str, adapter_name: str) -> int:
     return tuning_io.save_adapter(get_store(self).get(adapter_name), save_directory)
 
 
-def load_adapter(self, adapter_name_or_path: str, load_as: Optional[str] = None, set_active: bool = False) -> str:
+def load_adapter(self, adapter_name_or_path: str, load_as: str | None = None, set_active: bool = False) -> str:
     """Load an adapter saved by save_adapter; returns its name. Everything is read and checked against this
     model before the model changes, so a bad checkpoint leaves the model as it was."""
     store = get_store(self)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -72,8 +71,10 @@ def rope_inverse_frequencies(model, who: str) -> Tensor:
     rotary = getattr(getattr(model, "base_model", model), "rotary_emb", None)
     inv_freq = getattr(rotary, "inv_freq", None)
     if not isinstance(inv_freq, Tensor):
-        raise ValueError(f"{who}: {type(model).__name__} has no rotary embedding with inv_freq at "
-                         f"base_model.rotary_emb; cannot convert positions (use positions='prefixattn')")
+        raise ValueError(
+            f"{who}: {type(model).__name__} has no rotary embedding with inv_freq at "
+            f"base_model.rotary_emb; cannot convert positions (use positions='prefixattn')"
+        )
     rope_type = getattr(rotary, "rope_type", "default")
     if not isinstance(rope_type, str) or rope_type in _UNSUPPORTED_ROPE:
         raise ValueError(
@@ -87,17 +88,19 @@ def rotate_keys(keys: Tensor, inv_freq: Tensor, shift: int) -> Tensor:
     """Rotate keys [..., D] by `shift` positions with transformers' rotate_half RoPE convention (float64 math)."""
     d = keys.shape[-1]
     if 2 * inv_freq.numel() != d:
-        raise ValueError(f"RoPE: the rotary embedding covers {2 * inv_freq.numel()} dims but the head dim is {d}; "
-                         f"partial rotary embeddings are not supported (use positions='prefixattn')")
+        raise ValueError(
+            f"RoPE: the rotary embedding covers {2 * inv_freq.numel()} dims but the head dim is {d}; "
+            f"partial rotary embeddings are not supported (use positions='prefixattn')"
+        )
     angles = float(shift) * inv_freq
     emb = torch.cat([angles, angles])
     cos, sin = emb.cos(), emb.sin()
     k = keys.double()
-    rotated_half = torch.cat([-k[..., d // 2:], k[..., : d // 2]], dim=-1)
+    rotated_half = torch.cat([-k[..., d // 2 :], k[..., : d // 2]], dim=-1)
     return (k * cos + rotated_half * sin).to(keys.dtype)
 
 
-def _sliding_window(config) -> Optional[int]:
+def _sliding_window(config) -> int | None:
     window = getattr(config, "sliding_window", None)
     layer_types = getattr(config, "layer_types", None) or ()
     if window and (getattr(config, "model_type", None) == "mistral" or "sliding_attention" in layer_types):
@@ -114,15 +117,18 @@ def _position_plan(model, positions: str, p: int, who: str):
         window = _sliding_window(model.config)
         note = None
         if window:
-            note = (f"{who}: {type(model).__name__} uses a sliding window of {window}; PEFT's prefix sits at "
-                    f"positions 0..{p - 1} and leaves the window as the sequence grows, while prefixattn's stays "
-                    f"visible, so logits match PEFT only for the first {max(window - p, 0)} tokens (padding "
-                    f"included)")
+            note = (
+                f"{who}: {type(model).__name__} uses a sliding window of {window}; PEFT's prefix sits at "
+                f"positions 0..{p - 1} and leaves the window as the sequence grows, while prefixattn's stays "
+                f"visible, so logits match PEFT only for the first {max(window - p, 0)} tokens (padding "
+                f"included)"
+            )
         return -p, 0, note
     if model_type in OFFSET_TYPES:
         return None, p, None
-    raise ValueError(f"{who}: no position conversion is known for model type {model_type!r}; "
-                     f"use positions='prefixattn'")
+    raise ValueError(
+        f"{who}: no position conversion is known for model type {model_type!r}; use positions='prefixattn'"
+    )
 
 
 # -- import -----------------------------------------------------------------------------------------------
@@ -141,33 +147,44 @@ def read_peft_checkpoint(path, geometry, who: str = "load_peft_prefix") -> tuple
     cfg_path = os.path.join(directory, PEFT_CONFIG)
     cfg = read_json(directory, PEFT_CONFIG, who)
     if "config" in cfg and "peft_type" not in cfg:
-        raise ValueError(f"{who}: {cfg_path} looks like an adapters (AdapterHub) checkpoint; use "
-                         f"prefixattn.load_adapters_prefix")
+        raise ValueError(
+            f"{who}: {cfg_path} looks like an adapters (AdapterHub) checkpoint; use prefixattn.load_adapters_prefix"
+        )
     if cfg.get("peft_type") != "PREFIX_TUNING":
-        raise ValueError(f"{who}: {cfg_path} has peft_type {cfg.get('peft_type')!r}; only 'PREFIX_TUNING' "
-                         f"checkpoints hold a prefix")
+        raise ValueError(
+            f"{who}: {cfg_path} has peft_type {cfg.get('peft_type')!r}; only 'PREFIX_TUNING' checkpoints hold a prefix"
+        )
     p = _int_field(cfg, "num_virtual_tokens", cfg_path)
     n_layers = _int_field(cfg, "num_layers", cfg_path)
     token_dim = _int_field(cfg, "token_dim", cfg_path)
     heads = _int_field(cfg, "num_attention_heads", cfg_path)
-    submodules = _int_field(cfg, "num_transformer_submodules", cfg_path) if "num_transformer_submodules" in cfg \
+    submodules = (
+        _int_field(cfg, "num_transformer_submodules", cfg_path)
+        if "num_transformer_submodules" in cfg
         else (2 if cfg.get("task_type") == "SEQ_2_SEQ_LM" else 1)
+    )
 
     seq2seq = _is_seq2seq(geometry)
     model = f"{geometry.model_class} ({geometry.model_type})"
     if SELF not in geometry.locations:
         raise ValueError(f"{who}: {model} has no decoder self-attention, the only place PEFT puts a prefix")
     if seq2seq and submodules != 2:
-        raise ValueError(f"{who}: the checkpoint has num_transformer_submodules={submodules} (task_type "
-                         f"{cfg.get('task_type')!r}), a decoder-only layout, but {model} is an encoder-decoder "
-                         f"model (PEFT writes 2 and task_type 'SEQ_2_SEQ_LM' for those)")
+        raise ValueError(
+            f"{who}: the checkpoint has num_transformer_submodules={submodules} (task_type "
+            f"{cfg.get('task_type')!r}), a decoder-only layout, but {model} is an encoder-decoder "
+            f"model (PEFT writes 2 and task_type 'SEQ_2_SEQ_LM' for those)"
+        )
     if not seq2seq and submodules != 1:
-        raise ValueError(f"{who}: the checkpoint has num_transformer_submodules={submodules} (an encoder-decoder "
-                         f"layout, task_type {cfg.get('task_type')!r}), but {model} is decoder-only")
+        raise ValueError(
+            f"{who}: the checkpoint has num_transformer_submodules={submodules} (an encoder-decoder "
+            f"layout, task_type {cfg.get('task_type')!r}), but {model} is decoder-only"
+        )
     spec = geometry.locations[SELF]
     if n_layers != len(spec.layers):
-        raise ValueError(f"{who}: the checkpoint has num_layers={n_layers} but {model} has {len(spec.layers)} "
-                         f"{'decoder ' if seq2seq else ''}layers; it was made for another model")
+        raise ValueError(
+            f"{who}: the checkpoint has num_layers={n_layers} but {model} has {len(spec.layers)} "
+            f"{'decoder ' if seq2seq else ''}layers; it was made for another model"
+        )
     if token_dim % heads or heads != spec.num_kv_heads or token_dim // heads != spec.head_dim:
         raise ValueError(
             f"{who}: the checkpoint's prefix has num_attention_heads={heads} KV heads and token_dim={token_dim} "
@@ -185,8 +202,10 @@ def read_peft_checkpoint(path, geometry, who: str = "load_peft_prefix") -> tuple
     raw = tensors[PEFT_KEY]
     want = (p, n_layers * 2 * token_dim)
     if tuple(raw.shape) != want:
-        raise ValueError(f"{who}: {PEFT_KEY} has shape {list(raw.shape)}, expected {list(want)} = [num_virtual_tokens, "
-                         f"num_layers*2*token_dim] from {cfg_path}")
+        raise ValueError(
+            f"{who}: {PEFT_KEY} has shape {list(raw.shape)}, expected {list(want)} = [num_virtual_tokens, "
+            f"num_layers*2*token_dim] from {cfg_path}"
+        )
     if not raw.is_floating_point():
         raise ValueError(f"{who}: {PEFT_KEY} has dtype {raw.dtype}, expected a floating dtype")
     if not torch.isfinite(raw).all():
@@ -217,9 +236,21 @@ def load_peft_prefix(model, path, adapter_name: str, *, positions: str = "peft",
     metadata = {
         "source": "peft",
         "positions": positions,
-        "peft": {k: cfg.get(k) for k in ("peft_version", "task_type", "num_virtual_tokens", "num_layers", "token_dim",
-                                         "num_attention_heads", "num_transformer_submodules", "prefix_projection",
-                                         "base_model_name_or_path") if k in cfg},
+        "peft": {
+            k: cfg.get(k)
+            for k in (
+                "peft_version",
+                "task_type",
+                "num_virtual_tokens",
+                "num_layers",
+                "token_dim",
+                "num_attention_heads",
+                "num_transformer_submodules",
+                "prefix_projection",
+                "base_model_name_or_path",
+            )
+            if k in cfg
+        },
     }
     if offset:
         metadata[pos.METADATA_KEY] = offset
@@ -240,13 +271,17 @@ def _export_prefix(model, adapter: PrefixAdapter, positions: str, who: str) -> T
         raise ValueError(f"{who}: adapter {name!r} uses gating, which PEFT prefix tuning does not have")
     other = sorted(set(adapter.rows) - {SELF})
     if other:
-        raise ValueError(f"{who}: adapter {name!r} has prefixes at {other}; PEFT prefixes only the decoder "
-                         f"self-attention of encoder-decoder models (its encoder and cross-attention prefixes are "
-                         f"dropped), so this adapter cannot be exported")
+        raise ValueError(
+            f"{who}: adapter {name!r} has prefixes at {other}; PEFT prefixes only the decoder "
+            f"self-attention of encoder-decoder models (its encoder and cross-attention prefixes are "
+            f"dropped), so this adapter cannot be exported"
+        )
     all_layers = list(geometry.locations[SELF].layers)
     if SELF not in adapter.rows or list(adapter.rows[SELF]) != all_layers:
-        raise ValueError(f"{who}: adapter {name!r} leaves out layers (leave_out={list(adapter.config.leave_out)}); "
-                         f"PEFT puts a prefix in every layer, so this adapter cannot be exported")
+        raise ValueError(
+            f"{who}: adapter {name!r} leaves out layers (leave_out={list(adapter.config.leave_out)}); "
+            f"PEFT puts a prefix in every layer, so this adapter cannot be exported"
+        )
     prefix = adapter.flat_prefix()[SELF].detach().to("cpu", torch.float32)
     p = adapter.config.prefix_length
     if positions == "prefixattn":
@@ -257,9 +292,12 @@ def _export_prefix(model, adapter: PrefixAdapter, positions: str, who: str) -> T
         prefix[:, 0] = rotate_keys(prefix[:, 0], inv_freq, p)
         window = _sliding_window(model.config)
         if window:
-            warnings.warn(f"{who}: with a sliding window of {window}, PEFT's prefix leaves the window as the "
-                          f"sequence grows; the export matches prefixattn only for the first {max(window - p, 0)} "
-                          f"tokens (padding included)", stacklevel=3)
+            warnings.warn(
+                f"{who}: with a sliding window of {window}, PEFT's prefix leaves the window as the "
+                f"sequence grows; the export matches prefixattn only for the first {max(window - p, 0)} "
+                f"tokens (padding included)",
+                stacklevel=3,
+            )
     elif model_type in OFFSET_TYPES:
         offset = pos.adapter_offset(adapter)
         if offset != p:
@@ -272,8 +310,9 @@ def _export_prefix(model, adapter: PrefixAdapter, positions: str, who: str) -> T
                 f"prefix unchanged (PEFT's logits will differ)"
             )
     else:
-        raise ValueError(f"{who}: no position conversion is known for model type {model_type!r}; "
-                         f"use positions='prefixattn'")
+        raise ValueError(
+            f"{who}: no position conversion is known for model type {model_type!r}; use positions='prefixattn'"
+        )
     return prefix
 
 

@@ -19,8 +19,6 @@ With a per-sequence choice of adapters (prefix_choice), all chosen sequences mus
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor, nn
 
@@ -34,7 +32,7 @@ T5_BIAS_ATTR = attn.T5_BIAS_ATTR  # on T5 decoder self-attention: the stack's la
 OFFSET_MODEL_TYPES = ("gpt2", "bart", "t5", "mt5")
 
 
-def position_module(model) -> Optional[nn.Module]:
+def position_module(model) -> nn.Module | None:
     """The module whose input holds the (decoder) positions that PEFT shifts (GPT-2 / BART), else None."""
     model_type = getattr(model.config, "model_type", None)
     base = getattr(model, "base_model", model)
@@ -152,8 +150,10 @@ def t5_prefix_columns(module, store, query: Tensor, key: Tensor, value: Tensor, 
         return key, value, kpm, bias, prefix
     pk, pv, pidx, plen = prefix
     if pidx is not None or pk.dim() != 3:
-        raise ValueError("T5 adapters with metadata position_offset (PEFT's position frame) run only as the single "
-                         "active adapter, without prefix_choice or gating")
+        raise ValueError(
+            "T5 adapters with metadata position_offset (PEFT's position frame) run only as the single "
+            "active adapter, without prefix_choice or gating"
+        )
     source = module.__dict__[T5_BIAS_ATTR]
     b, hq, sq, _ = query.shape
     p, sk = pk.shape[1], key.shape[2]
@@ -162,8 +162,11 @@ def t5_prefix_columns(module, store, query: Tensor, key: Tensor, value: Tensor, 
     context = torch.arange(sq, device=device)[:, None] + past
     memory = torch.arange(p, device=device)[None, :] - p
     bucket = source._relative_position_bucket(
-        memory - context, bidirectional=not source.is_decoder, num_buckets=source.relative_attention_num_buckets,
-        max_distance=source.relative_attention_max_distance)
+        memory - context,
+        bidirectional=not source.is_decoder,
+        num_buckets=source.relative_attention_num_buckets,
+        max_distance=source.relative_attention_max_distance,
+    )
     prefix_bias = source.relative_attention_bias(bucket).permute(2, 0, 1).unsqueeze(0).to(query.dtype)
     seq_bias = bias if bias is not None else query.new_zeros(1, 1, sq, sk)
     lead = (max(prefix_bias.shape[0], seq_bias.shape[0]), hq, sq)

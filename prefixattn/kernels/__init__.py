@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 from types import ModuleType
-from typing import Optional
 
 from ..validation import Problem
 
@@ -39,13 +38,15 @@ def triton_importable() -> bool:
     return True
 
 
-def triton_unavailable_reason(device) -> Optional[str]:
+def triton_unavailable_reason(device) -> str | None:
     """Why the Triton kernels cannot run on tensors on `device` (contiguous and paged ops alike), or None."""
     if not triton_importable():
         return "triton is not installed"
     if device.type != "cuda" and not triton_interpreting():
-        return (f"the tensors are on {device} and Triton needs a CUDA device "
-                f"(or TRITON_INTERPRET=1 to run its interpreter on the CPU)")
+        return (
+            f"the tensors are on {device} and Triton needs a CUDA device "
+            f"(or TRITON_INTERPRET=1 to run its interpreter on the CPU)"
+        )
     return None
 
 
@@ -67,7 +68,7 @@ def get_backend(name: str) -> ModuleType:
     raise ValueError(f"backend: expected one of {sorted(_MODULES)}, got {name!r}")
 
 
-def unsupported_reason(name: str, problem: Problem, *, needs_grad: bool, deterministic: bool = True) -> Optional[str]:
+def unsupported_reason(name: str, problem: Problem, *, needs_grad: bool, deterministic: bool = True) -> str | None:
     """Why backend `name` cannot run this problem, or None if it can."""
     return get_backend(name).unsupported_reason(problem, needs_grad=needs_grad, deterministic=deterministic)
 

@@ -78,18 +78,49 @@ def bench_contiguous(batch, sk, p, *, path=None, pool=0, sq=1, dtype=torch.bfloa
             return prefix_attention(q, k, v, pk, pv, backend="triton", **args)
 
     with td.force(path=path):
-        plan = td.make_plan(batch=batch, heads_kv=HKV, group=HQ // HKV, seqlen_q=sq, max_keys=sk, head_dim=D,
-                            prefix_len=p, pool_size=pool or 1, dtype=dtype, device=torch.device("cuda"))
+        plan = td.make_plan(
+            batch=batch,
+            heads_kv=HKV,
+            group=HQ // HKV,
+            seqlen_q=sq,
+            max_keys=sk,
+            head_dim=D,
+            prefix_len=p,
+            pool_size=pool or 1,
+            dtype=dtype,
+            device=torch.device("cuda"),
+        )
     ms = time_graph(step, n)
     needed = (batch * sk + p * (min(pool, batch) if pool else 1)) * HKV * D * 2 * 2
-    cost = td.prefix_path_cost(batch=batch, heads_kv=HKV, group=HQ // HKV, seqlen_q=sq, max_keys=sk, head_dim=D,
-                               prefix_len=p, pool_size=pool or 1, elem_size=dtype.itemsize,
-                               num_sms=td.sm_count(torch.device("cuda")))
-    return dict(method="prefixattn_triton", layout="contiguous", path=path or "auto",
-                chosen="cascade" if plan.cascade else "fused", splits=plan.num_splits, B=batch, Sk=sk, P=p,
-                pool=pool, Sq=sq, ms=ms, TBps_needed_bytes=needed / ms / 1e9,
-                pct_of_copy_ceiling=100 * needed / ms / 1e9 / COPY_CEILING_TBPS,
-                predicted_fused_us=cost.fused_us, predicted_cascade_us=cost.cascade_us)
+    cost = td.prefix_path_cost(
+        batch=batch,
+        heads_kv=HKV,
+        group=HQ // HKV,
+        seqlen_q=sq,
+        max_keys=sk,
+        head_dim=D,
+        prefix_len=p,
+        pool_size=pool or 1,
+        elem_size=dtype.itemsize,
+        num_sms=td.sm_count(torch.device("cuda")),
+    )
+    return dict(
+        method="prefixattn_triton",
+        layout="contiguous",
+        path=path or "auto",
+        chosen="cascade" if plan.cascade else "fused",
+        splits=plan.num_splits,
+        B=batch,
+        Sk=sk,
+        P=p,
+        pool=pool,
+        Sq=sq,
+        ms=ms,
+        TBps_needed_bytes=needed / ms / 1e9,
+        pct_of_copy_ceiling=100 * needed / ms / 1e9 / COPY_CEILING_TBPS,
+        predicted_fused_us=cost.fused_us,
+        predicted_cascade_us=cost.cascade_us,
+    )
 
 
 def bench_concat_sdpa(batch, sk, p, *, sq=1, dtype=torch.bfloat16):
@@ -104,8 +135,15 @@ def bench_concat_sdpa(batch, sk, p, *, sq=1, dtype=torch.bfloat16):
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
 
     ms = time_graph(step, n)
-    return dict(method="concat_sdpa", B=batch, Sk=sk, P=p, Sq=sq, ms=ms,
-                TBps_concat_bytes=batch * total * HKV * D * 4 / ms / 1e9)
+    return dict(
+        method="concat_sdpa",
+        B=batch,
+        Sk=sk,
+        P=p,
+        Sq=sq,
+        ms=ms,
+        TBps_concat_bytes=batch * total * HKV * D * 4 / ms / 1e9,
+    )
 
 
 def bench_paged(batch, sk, p, *, page_size=16, path=None, dtype=torch.bfloat16):
@@ -129,9 +167,18 @@ def bench_paged(batch, sk, p, *, page_size=16, path=None, dtype=torch.bfloat16):
 
     ms = time_graph(step, n)
     needed = (batch * sk + p) * HKV * D * 2 * 2
-    return dict(method="prefixattn_triton", layout=f"paged{page_size}", path=path or "auto", B=batch, Sk=sk, P=p,
-                Sq=1, ms=ms, TBps_needed_bytes=needed / ms / 1e9,
-                pct_of_copy_ceiling=100 * needed / ms / 1e9 / COPY_CEILING_TBPS)
+    return dict(
+        method="prefixattn_triton",
+        layout=f"paged{page_size}",
+        path=path or "auto",
+        B=batch,
+        Sk=sk,
+        P=p,
+        Sq=1,
+        ms=ms,
+        TBps_needed_bytes=needed / ms / 1e9,
+        pct_of_copy_ceiling=100 * needed / ms / 1e9 / COPY_CEILING_TBPS,
+    )
 
 
 def main(argv=None) -> int:

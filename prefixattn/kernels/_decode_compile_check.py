@@ -41,37 +41,125 @@ def _signature(kernel, values: dict):
     return sig, constexprs, attrs
 
 
-def decode_variant(*, dtype="bf16", head_dim=128, block_n=64, group=4, sq=1, paged=False, prefix=1,
-                   cascade=False, kpm=False, plen=False, final=True, num_splits=2):
+def decode_variant(
+    *,
+    dtype="bf16",
+    head_dim=128,
+    block_n=64,
+    group=4,
+    sq=1,
+    paged=False,
+    prefix=1,
+    cascade=False,
+    kpm=False,
+    plen=False,
+    final=True,
+    num_splits=2,
+):
     ptr = "*" + dtype
     block_d = max(16, 1 << (head_dim - 1).bit_length())
     block_m = min(64, max(16, 1 << max(0, (group * sq - 1).bit_length())))
     v = dict(
-        Q=ptr, K=ptr, V=ptr, PK=ptr if prefix else None, PV=ptr if prefix else None,
-        PIDX="*i32" if prefix == 2 else None, PLEN="*i64" if (plen and prefix) else None,
-        KPM="*u8" if kpm else None, BT="*i32" if paged else None, SEQLEN="*i32" if paged else None,
-        ORDER="*i32" if (cascade and prefix == 2) else None, STARTS="*i32" if (cascade and prefix == 2) else None,
-        OUT=ptr, LSE="*fp32", OPART="*fp32" if not final else None, LPART="*fp32" if not final else None,
+        Q=ptr,
+        K=ptr,
+        V=ptr,
+        PK=ptr if prefix else None,
+        PV=ptr if prefix else None,
+        PIDX="*i32" if prefix == 2 else None,
+        PLEN="*i64" if (plen and prefix) else None,
+        KPM="*u8" if kpm else None,
+        BT="*i32" if paged else None,
+        SEQLEN="*i32" if paged else None,
+        ORDER="*i32" if (cascade and prefix == 2) else None,
+        STARTS="*i32" if (cascade and prefix == 2) else None,
+        OUT=ptr,
+        LSE="*fp32",
+        OPART="*fp32" if not final else None,
+        LPART="*fp32" if not final else None,
     )
-    for name in ("stride_qb", "stride_qh", "stride_qs", "stride_kb", "stride_kh", "stride_ks", "stride_vb",
-                 "stride_vh", "stride_vs", "stride_pkn", "stride_pkh", "stride_pks", "stride_pvn", "stride_pvh",
-                 "stride_pvs", "stride_mb", "stride_ms", "stride_btb", "stride_ob", "stride_oh", "stride_os",
-                 "stride_lb", "stride_lh"):
+    for name in (
+        "stride_qb",
+        "stride_qh",
+        "stride_qs",
+        "stride_kb",
+        "stride_kh",
+        "stride_ks",
+        "stride_vb",
+        "stride_vh",
+        "stride_vs",
+        "stride_pkn",
+        "stride_pkh",
+        "stride_pks",
+        "stride_pvn",
+        "stride_pvh",
+        "stride_pvs",
+        "stride_mb",
+        "stride_ms",
+        "stride_btb",
+        "stride_ob",
+        "stride_oh",
+        "stride_os",
+        "stride_lb",
+        "stride_lh",
+    ):
         v[name] = 1024
-    v.update(BATCH=128, HKV=8, SEQ_K=2048, PLEN_MAX=512, POOL=4, NUM_PAGES=4096, PAGE_SIZE=16,
-             num_splits=num_splits, m_tiles=3, cascade_programs=64, cascade_tiles=8, NSLOTS=3, qk_scale=0.1)
-    v.update(G=group, SQ=sq, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-             CASCADE_BLOCK_M=64, CASCADE_BLOCK_N=block_n, PAGED=paged, CAUSAL=True, HAS_KPM=kpm, PREFIX=prefix,
-             CASCADE=cascade, HAS_PLEN=plen and prefix != 0, WRITE_FINAL=final,
-             DOT_PREC="ieee" if dtype == "fp32" else "tf32")
+    v.update(
+        BATCH=128,
+        HKV=8,
+        SEQ_K=2048,
+        PLEN_MAX=512,
+        POOL=4,
+        NUM_PAGES=4096,
+        PAGE_SIZE=16,
+        num_splits=num_splits,
+        m_tiles=3,
+        cascade_programs=64,
+        cascade_tiles=8,
+        NSLOTS=3,
+        qk_scale=0.1,
+    )
+    v.update(
+        G=group,
+        SQ=sq,
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        CASCADE_BLOCK_M=64,
+        CASCADE_BLOCK_N=block_n,
+        PAGED=paged,
+        CAUSAL=True,
+        HAS_KPM=kpm,
+        PREFIX=prefix,
+        CASCADE=cascade,
+        HAS_PLEN=plen and prefix != 0,
+        WRITE_FINAL=final,
+        DOT_PREC="ieee" if dtype == "fp32" else "tf32",
+    )
     return v
 
 
 def merge_variant(*, dtype="bf16", head_dim=128, sq=1, nslots=5, pool_slot0=False):
-    v = dict(OPART="*fp32", LPART="*fp32", PIDX="*i64" if pool_slot0 else None, OUT="*" + dtype, LSE="*fp32",
-             stride_ob=4096, stride_oh=128, stride_os=4096, stride_lb=32, stride_lh=1, HQ=32, POOL=4,
-             NSLOTS=nslots, SQ=sq, HEAD_DIM=head_dim, BLOCK_D=max(16, 1 << (head_dim - 1).bit_length()),
-             BLOCK_S=max(2, 1 << (nslots - 1).bit_length()), POOL_SLOT0=pool_slot0)
+    v = dict(
+        OPART="*fp32",
+        LPART="*fp32",
+        PIDX="*i64" if pool_slot0 else None,
+        OUT="*" + dtype,
+        LSE="*fp32",
+        stride_ob=4096,
+        stride_oh=128,
+        stride_os=4096,
+        stride_lb=32,
+        stride_lh=1,
+        HQ=32,
+        POOL=4,
+        NSLOTS=nslots,
+        SQ=sq,
+        HEAD_DIM=head_dim,
+        BLOCK_D=max(16, 1 << (head_dim - 1).bit_length()),
+        BLOCK_S=max(2, 1 << (nslots - 1).bit_length()),
+        POOL_SLOT0=pool_slot0,
+    )
     return v
 
 
@@ -89,37 +177,95 @@ def main(quick: bool = False) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("0", ""):
         print("unset TRITON_INTERPRET: this compiles the kernels for sm_90", file=sys.stderr)
         return 2
+    import torch
+
     from prefixattn.kernels import _decode_kernels as kern
     from prefixattn.kernels.triton_decode import kernel_config
-
-    import torch
 
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     variants = []
     if quick:  # one of each kind of program, the CI check
         for name, dtype, hd, kw in (
-                ("fused shared, final", "bf16", 128, dict()),
-                ("cascade pool paged, plen, G=8 Sq=4", "fp16", 64,
-                 dict(prefix=2, cascade=True, paged=True, plen=True, final=False, group=8, sq=4)),
-                ("fused pool, padding mask, splits", "fp32", 96, dict(prefix=2, kpm=True, final=False))):
+            ("fused shared, final", "bf16", 128, dict()),
+            (
+                "cascade pool paged, plen, G=8 Sq=4",
+                "fp16",
+                64,
+                dict(prefix=2, cascade=True, paged=True, plen=True, final=False, group=8, sq=4),
+            ),
+            ("fused pool, padding mask, splits", "fp32", 96, dict(prefix=2, kpm=True, final=False)),
+        ):
             cfg = kernel_config(hd, dtypes[dtype])
             variants.append((f"{dtype} D={hd} {name}", cfg, dict(dtype=dtype, head_dim=hd, block_n=cfg.block_n, **kw)))
-    for dtype, hd in () if quick else (("bf16", 128), ("fp16", 64), ("fp32", 128), ("bf16", 256), ("fp16", 96),
-                                        ("fp32", 256), ("fp16", 256), ("fp32", 16)):
+    for dtype, hd in (
+        ()
+        if quick
+        else (
+            ("bf16", 128),
+            ("fp16", 64),
+            ("fp32", 128),
+            ("bf16", 256),
+            ("fp16", 96),
+            ("fp32", 256),
+            ("fp16", 256),
+            ("fp32", 16),
+        )
+    ):
         cfg = kernel_config(hd, dtypes[dtype])
         variants.append((f"{dtype} D={hd} fused shared", cfg, dict(dtype=dtype, head_dim=hd, block_n=cfg.block_n)))
-        variants.append((f"{dtype} D={hd} cascade pool paged", cfg,
-                         dict(dtype=dtype, head_dim=hd, block_n=cfg.block_n, prefix=2, cascade=True, paged=True,
-                              plen=True, final=False, group=8, sq=4)))
+        variants.append(
+            (
+                f"{dtype} D={hd} cascade pool paged",
+                cfg,
+                dict(
+                    dtype=dtype,
+                    head_dim=hd,
+                    block_n=cfg.block_n,
+                    prefix=2,
+                    cascade=True,
+                    paged=True,
+                    plen=True,
+                    final=False,
+                    group=8,
+                    sq=4,
+                ),
+            )
+        )
     bf = kernel_config(128, torch.bfloat16)
-    for paged, prefix, cascade, kpm, group, sq, final, splits in () if quick else itertools.islice(
-            itertools.product((False, True), (0, 1, 2), (False, True), (False, True), (1, 8), (1, 16),
-                              (True, False), (1, 3)), 0, None, 7):
+    for paged, prefix, cascade, kpm, group, sq, final, splits in (
+        ()
+        if quick
+        else itertools.islice(
+            itertools.product(
+                (False, True), (0, 1, 2), (False, True), (False, True), (1, 8), (1, 16), (True, False), (1, 3)
+            ),
+            0,
+            None,
+            7,
+        )
+    ):
         if cascade and prefix == 0:
             continue
-        name = f"bf16 paged={paged} prefix={prefix} cascade={cascade} kpm={kpm} G={group} Sq={sq} final={final} splits={splits}"
-        variants.append((name, bf, dict(paged=paged, prefix=prefix, cascade=cascade, kpm=kpm and not paged,
-                                         group=group, sq=sq, final=final and not cascade, num_splits=splits)))
+        name = (
+            f"bf16 paged={paged} prefix={prefix} cascade={cascade} kpm={kpm} "
+            f"G={group} Sq={sq} final={final} splits={splits}"
+        )
+        variants.append(
+            (
+                name,
+                bf,
+                dict(
+                    paged=paged,
+                    prefix=prefix,
+                    cascade=cascade,
+                    kpm=kpm and not paged,
+                    group=group,
+                    sq=sq,
+                    final=final and not cascade,
+                    num_splits=splits,
+                ),
+            )
+        )
     failures = 0
     for name, cfg, kw in variants:
         try:
@@ -128,8 +274,9 @@ def main(quick: bool = False) -> int:
         except Exception as exc:  # report and go on, so one run shows every broken variant
             failures += 1
             print(f"FAIL decode {name}: {type(exc).__name__}: {str(exc)[:2000]}")
-    for dtype, hd, pool_slot0 in (("fp16", 96, True),) if quick else (("bf16", 128, False), ("fp32", 64, True),
-                                                                         ("fp16", 96, True)):
+    for dtype, hd, pool_slot0 in (
+        (("fp16", 96, True),) if quick else (("bf16", 128, False), ("fp32", 64, True), ("fp16", 96, True))
+    ):
         try:
             c = compile_one(kern.merge_kernel, merge_variant(dtype=dtype, head_dim=hd, pool_slot0=pool_slot0))
             print(f"ok   merge {dtype} D={hd} pool_slot0={pool_slot0}: shared {c.metadata.shared} B")

@@ -11,7 +11,6 @@ Conventions used by every kernel:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import triton
@@ -63,9 +62,22 @@ def atomic_add_rows(ptrs, x, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
-def mask_sequence_scores(s, rows_q, cols_k, seq_q, seq_k, bias_base, stride_bias_q, stride_bias_k, pad_base,
-                         stride_pad_k, CAUSAL: tl.constexpr, BOUND: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         HAS_PAD: tl.constexpr):
+def mask_sequence_scores(
+    s,
+    rows_q,
+    cols_k,
+    seq_q,
+    seq_k,
+    bias_base,
+    stride_bias_q,
+    stride_bias_k,
+    pad_base,
+    stride_pad_k,
+    CAUSAL: tl.constexpr,
+    BOUND: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_PAD: tl.constexpr,
+):
     """Base-2 scores of sequence keys with bias and masks applied (masked entries become -inf).
 
     rows_q / cols_k are query / key indices already broadcast to the tile's orientation ([M, 1] and [1, N] for
@@ -73,8 +85,11 @@ def mask_sequence_scores(s, rows_q, cols_k, seq_q, seq_k, bias_base, stride_bias
     BOUND: keys >= seq_k. Padding is per key (True = real token).
     """
     if HAS_BIAS:
-        bias = tl.load(bias_base + rows_q * stride_bias_q + cols_k * stride_bias_k,
-                       mask=(rows_q < seq_q) & (cols_k < seq_k), other=0.0)
+        bias = tl.load(
+            bias_base + rows_q * stride_bias_q + cols_k * stride_bias_k,
+            mask=(rows_q < seq_q) & (cols_k < seq_k),
+            other=0.0,
+        )
         s += bias.to(s.dtype) * 1.4426950408889634
     if CAUSAL:
         s = tl.where(cols_k <= rows_q + (seq_k - seq_q), s, float("-inf"))
@@ -87,15 +102,47 @@ def mask_sequence_scores(s, rows_q, cols_k, seq_q, seq_k, bias_base, stride_bias
 
 
 @triton.jit
-def tile_scores(q, k, cols, n_valid, offs_m, qk_scale, seq_q, seq_k, bias_base, stride_bias_m, stride_bias_n,
-                pad_base, stride_pad_n, SEQUENCE: tl.constexpr, BOUND: tl.constexpr, CAUSAL: tl.constexpr,
-                HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr, DOT_PREC: tl.constexpr):
+def tile_scores(
+    q,
+    k,
+    cols,
+    n_valid,
+    offs_m,
+    qk_scale,
+    seq_q,
+    seq_k,
+    bias_base,
+    stride_bias_m,
+    stride_bias_n,
+    pad_base,
+    stride_pad_n,
+    SEQUENCE: tl.constexpr,
+    BOUND: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_PAD: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
     """Base-2 scores [queries, keys] of q against the key tile k (columns `cols`), masked: sequence keys with
     bias / causal / bound / padding (mask_sequence_scores), prefix keys only at their valid length n_valid."""
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
     if SEQUENCE:
-        s = mask_sequence_scores(s, offs_m[:, None], cols[None, :], seq_q, seq_k, bias_base, stride_bias_m,
-                                 stride_bias_n, pad_base, stride_pad_n, CAUSAL, BOUND, HAS_BIAS, HAS_PAD)
+        s = mask_sequence_scores(
+            s,
+            offs_m[:, None],
+            cols[None, :],
+            seq_q,
+            seq_k,
+            bias_base,
+            stride_bias_m,
+            stride_bias_n,
+            pad_base,
+            stride_pad_n,
+            CAUSAL,
+            BOUND,
+            HAS_BIAS,
+            HAS_PAD,
+        )
     elif BOUND:
         s = tl.where(cols[None, :] < n_valid, s, float("-inf"))
     return s
@@ -122,8 +169,25 @@ def prefix_entry(PIDX, PLEN, b, P, POOLED: tl.constexpr, HAS_LENGTHS: tl.constex
 
 
 @triton.jit
-def prefix_tile_ptrs(PK, PV, PIDX, PLEN, b, kvh, prefix_len, stride_pke, stride_pkh, stride_pkn, stride_pve,
-                     stride_pvh, stride_pvn, offs_n, offs_d, POOLED: tl.constexpr, HAS_LENGTHS: tl.constexpr):
+def prefix_tile_ptrs(
+    PK,
+    PV,
+    PIDX,
+    PLEN,
+    b,
+    kvh,
+    prefix_len,
+    stride_pke,
+    stride_pkh,
+    stride_pkn,
+    stride_pve,
+    stride_pvh,
+    stride_pvn,
+    offs_n,
+    offs_d,
+    POOLED: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr,
+):
     """(K tile pointers, V tile pointers at prefix key 0, valid length) of sequence b's entry, KV head kvh."""
     e, plen = prefix_entry(PIDX, PLEN, b, prefix_len, POOLED, HAS_LENGTHS)
     e64 = tl.cast(e, tl.int64)
@@ -179,7 +243,7 @@ class PrefixArgs:
     has_lengths: bool
 
     @staticmethod
-    def build(prefix_k, prefix_v, prefix_index, prefix_lengths, dummy: torch.Tensor) -> "PrefixArgs":
+    def build(prefix_k, prefix_v, prefix_index, prefix_lengths, dummy: torch.Tensor) -> PrefixArgs:
         if prefix_k is None or prefix_k.shape[-2] == 0:
             return PrefixArgs(dummy, dummy, dummy, dummy, (0, 0, 0), (0, 0, 0), 0, 0, False, False, False)
         pooled = prefix_k.dim() == 4
@@ -188,22 +252,28 @@ class PrefixArgs:
             return (t.stride(0), t.stride(1), t.stride(2)) if pooled else (0, t.stride(0), t.stride(1))
 
         return PrefixArgs(
-            prefix_k, prefix_v,
+            prefix_k,
+            prefix_v,
             prefix_index if pooled else dummy,
             prefix_lengths if prefix_lengths is not None else dummy,
-            strides(prefix_k), strides(prefix_v), prefix_k.shape[-2],
-            prefix_k.shape[0] if pooled else 1, True, pooled, prefix_lengths is not None,
+            strides(prefix_k),
+            strides(prefix_v),
+            prefix_k.shape[-2],
+            prefix_k.shape[0] if pooled else 1,
+            True,
+            pooled,
+            prefix_lengths is not None,
         )
 
 
-def bias_strides(attn_bias: Optional[torch.Tensor], shape) -> tuple:
+def bias_strides(attn_bias: torch.Tensor | None, shape) -> tuple:
     """Strides of attn_bias broadcast to [B, Hq, Sq, Sk] (0 on broadcast dims); zeros when absent."""
     if attn_bias is None:
         return (0, 0, 0, 0)
     return attn_bias.expand(*shape).stride()
 
 
-def padding_args(key_padding_mask: Optional[torch.Tensor], dummy: torch.Tensor):
+def padding_args(key_padding_mask: torch.Tensor | None, dummy: torch.Tensor):
     """(uint8 view of the [B, Sk] mask, stride_b, stride_k): a zero-copy reinterpretation of the bools."""
     if key_padding_mask is None:
         return dummy, 0, 0

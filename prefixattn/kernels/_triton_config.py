@@ -8,7 +8,6 @@ tiny test shapes still run several tiles per loop (prefix tail, causal band, mul
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional
 
 import torch
 
@@ -47,7 +46,7 @@ def _dtype_class(dtype: torch.dtype) -> str:
 C = KernelConfig
 # Hopper (sm_90), 16-bit inputs: tl.dot lowers to wgmma when a warpgroup (4 warps) owns >= 64 rows of M.
 # fp32 inputs use input_precision="ieee" (no tensor cores), fp64 is for exact checks: small tiles, no pressure.
-_TABLE: Dict[str, Dict[str, Dict[int, KernelConfig]]] = {
+_TABLE: dict[str, dict[str, dict[int, KernelConfig]]] = {
     "fwd": {
         "16bit": {64: C(128, 64, 4, 3), 128: C(128, 128, 8, 2), 256: C(64, 64, 8, 2)},
         "fp32": {64: C(64, 32, 8, 2), 128: C(16, 32, 4, 2), 256: C(16, 32, 4, 2)},
@@ -83,10 +82,10 @@ _TABLE: Dict[str, Dict[str, Dict[int, KernelConfig]]] = {
 _INTERPRETER = KernelConfig(16, 16, 4, 1)
 
 # Benchmarks may pin a config per kernel name to compare candidates without editing the table.
-OVERRIDES: Dict[str, KernelConfig] = {}
+OVERRIDES: dict[str, KernelConfig] = {}
 
 
-def config_for(kernel: str, head_dim: int, dtype: torch.dtype, *, interpreting: Optional[bool] = None) -> KernelConfig:
+def config_for(kernel: str, head_dim: int, dtype: torch.dtype, *, interpreting: bool | None = None) -> KernelConfig:
     """The launch configuration of `kernel` ("fwd", "bwd_dq", "bwd_dkdv", "bwd_dkdv_fused", "bwd_prefix")."""
     if kernel in OVERRIDES:
         return OVERRIDES[kernel]

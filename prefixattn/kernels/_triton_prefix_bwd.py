@@ -24,7 +24,6 @@ one add per prefix block of its entry; sequences with index -1 and blocks past t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import triton
@@ -53,16 +52,55 @@ def _chunk_layout(SEG_START, batch, items_per_seq, n_chunks, POOLED: tl.constexp
 
 @triton.jit
 def _prefix_partial_kernel(
-    Q, DOUT, LSE2, DELTA, PK, PV, PLEN, ORDER, SORTED, SEG_START, SEG_END, PART_K, PART_V, DQ,
-    stride_qb, stride_qh, stride_qm,
-    stride_dob, stride_doh, stride_dom,
-    stride_pke, stride_pkh, stride_pkn,
-    stride_pve, stride_pvh, stride_pvn,
-    stride_part_slot, stride_part_h,
-    stride_dqb, stride_dqh, stride_dqm,
-    batch, heads_q, group, seq_q, prefix_len, items_per_seq, tiles_m, n_chunks, qk_scale, scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
-    POOLED: tl.constexpr, HAS_LENGTHS: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr,
+    Q,
+    DOUT,
+    LSE2,
+    DELTA,
+    PK,
+    PV,
+    PLEN,
+    ORDER,
+    SORTED,
+    SEG_START,
+    SEG_END,
+    PART_K,
+    PART_V,
+    DQ,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_dob,
+    stride_doh,
+    stride_dom,
+    stride_pke,
+    stride_pkh,
+    stride_pkn,
+    stride_pve,
+    stride_pvh,
+    stride_pvn,
+    stride_part_slot,
+    stride_part_h,
+    stride_dqb,
+    stride_dqh,
+    stride_dqm,
+    batch,
+    heads_q,
+    group,
+    seq_q,
+    prefix_len,
+    items_per_seq,
+    tiles_m,
+    n_chunks,
+    qk_scale,
+    scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    POOLED: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr,
+    ACC: tl.constexpr,
+    DOT_PREC: tl.constexpr,
     FUSE_DQ: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
@@ -112,10 +150,24 @@ def _prefix_partial_kernel(
                 else:
                     b = tl.cast(s, tl.int64)
                 h = kvh * group + g
-                q = load_rows(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :],
-                              rows, seq_q, offs_d, HEAD_DIM, BLOCK_D, True)
-                do = load_rows(DOUT + b * stride_dob + h * stride_doh + rows[:, None] * stride_dom + offs_d[None, :],
-                               rows, seq_q, offs_d, HEAD_DIM, BLOCK_D, True)
+                q = load_rows(
+                    Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :],
+                    rows,
+                    seq_q,
+                    offs_d,
+                    HEAD_DIM,
+                    BLOCK_D,
+                    True,
+                )
+                do = load_rows(
+                    DOUT + b * stride_dob + h * stride_doh + rows[:, None] * stride_dom + offs_d[None, :],
+                    rows,
+                    seq_q,
+                    offs_d,
+                    HEAD_DIM,
+                    BLOCK_D,
+                    True,
+                )
                 stat = (b * heads_q + h) * seq_q + rows
                 # Rows past seq_q and empty rows carry lse2 = +inf, so their probabilities are exactly 0.
                 lse2 = tl.load(LSE2 + stat, mask=rows < seq_q, other=float("inf"))
@@ -129,8 +181,14 @@ def _prefix_partial_kernel(
                 dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)
                 if FUSE_DQ:  # this work item's rows get the prefix block's share of dQ, once per prefix block
                     dq = tl.dot(tl.trans(ds_t.to(pk.dtype)), pk, input_precision=DOT_PREC) * scale
-                    atomic_add_rows(DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqm
-                                    + offs_d[None, :], dq, rows, seq_q, offs_d, HEAD_DIM)
+                    atomic_add_rows(
+                        DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqm + offs_d[None, :],
+                        dq,
+                        rows,
+                        seq_q,
+                        offs_d,
+                        HEAD_DIM,
+                    )
             # Slots past the valid length read zeros above but their rows still hold exp2(-lse2) terms: zero them.
             valid = offs_p[:, None] < plen
             dk = tl.where(valid, dk * scale, 0.0)
@@ -144,12 +202,28 @@ def _prefix_partial_kernel(
 
 @triton.jit
 def _prefix_reduce_kernel(
-    PART_K, PART_V, SEG_START, SEG_END, DPK, DPV,
-    stride_part_slot, stride_part_h,
-    stride_dpke, stride_dpkh, stride_dpkn,
-    stride_dpve, stride_dpvh, stride_dpvn,
-    batch, prefix_len, items_per_seq, n_chunks,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, POOLED: tl.constexpr,
+    PART_K,
+    PART_V,
+    SEG_START,
+    SEG_END,
+    DPK,
+    DPV,
+    stride_part_slot,
+    stride_part_h,
+    stride_dpke,
+    stride_dpkh,
+    stride_dpkn,
+    stride_dpve,
+    stride_dpvh,
+    stride_dpvn,
+    batch,
+    prefix_len,
+    items_per_seq,
+    n_chunks,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    POOLED: tl.constexpr,
     ACC: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
@@ -175,10 +249,16 @@ def _prefix_reduce_kernel(
         slot = tl.cast(c + e, tl.int64) * stride_part_slot
         dk += tl.load(PART_K + slot + part, mask=mask, other=0.0)
         dv += tl.load(PART_V + slot + part, mask=mask, other=0.0)
-    tl.store(DPK + e * stride_dpke + kvh * stride_dpkh + offs_p[:, None] * stride_dpkn + offs_d[None, :],
-             dk.to(DPK.dtype.element_ty), mask=mask)
-    tl.store(DPV + e * stride_dpve + kvh * stride_dpvh + offs_p[:, None] * stride_dpvn + offs_d[None, :],
-             dv.to(DPV.dtype.element_ty), mask=mask)
+    tl.store(
+        DPK + e * stride_dpke + kvh * stride_dpkh + offs_p[:, None] * stride_dpkn + offs_d[None, :],
+        dk.to(DPK.dtype.element_ty),
+        mask=mask,
+    )
+    tl.store(
+        DPV + e * stride_dpve + kvh * stride_dpvh + offs_p[:, None] * stride_dpvn + offs_d[None, :],
+        dv.to(DPV.dtype.element_ty),
+        mask=mask,
+    )
 
 
 @dataclass(frozen=True)
@@ -197,8 +277,19 @@ def device_sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def plan(*, batch: int, heads_q: int, heads_kv: int, seq_q: int, prefix_len: int, pool_size: int,
-         block_m: int, block_p: int, sm_count: int, chunks: Optional[int] = None) -> PrefixPlan:
+def plan(
+    *,
+    batch: int,
+    heads_q: int,
+    heads_kv: int,
+    seq_q: int,
+    prefix_len: int,
+    pool_size: int,
+    block_m: int,
+    block_p: int,
+    sm_count: int,
+    chunks: int | None = None,
+) -> PrefixPlan:
     """Chunk count ~ WAVES x SMs / (prefix blocks x Hkv) (at least 1), capped by MAX_CHUNKS and the work items.
 
     The batch only enters through the item cap (min), so slots <= MAX_CHUNKS + N - 1 whatever the batch.
@@ -212,8 +303,9 @@ def plan(*, batch: int, heads_q: int, heads_kv: int, seq_q: int, prefix_len: int
     return PrefixPlan(block_p, prefix_blocks, chunks, chunks + max(pool_size, 1) - 1)
 
 
-def allocate_partials(plan_: PrefixPlan, heads_kv: int, prefix_len: int, head_dim: int, dtype: torch.dtype,
-                      device: torch.device):
+def allocate_partials(
+    plan_: PrefixPlan, heads_kv: int, prefix_len: int, head_dim: int, dtype: torch.dtype, device: torch.device
+):
     """The fp32 (fp64 for fp64 inputs) partial buffers; a separate function so tests can watch the size."""
     shape = (plan_.slots, heads_kv, prefix_len, head_dim)
     return torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device)
@@ -230,8 +322,17 @@ def _sequence_order(prefix_index: torch.Tensor, pool_size: int):
     return order, sorted_idx, seg_start, seg_end
 
 
-def prefix_grads(q, dout, lse2, delta, pre: PrefixArgs, scale: float, cfg: KernelConfig,
-                 chunks: Optional[int] = None, dq_acc: Optional[torch.Tensor] = None):
+def prefix_grads(
+    q,
+    dout,
+    lse2,
+    delta,
+    pre: PrefixArgs,
+    scale: float,
+    cfg: KernelConfig,
+    chunks: int | None = None,
+    dq_acc: torch.Tensor | None = None,
+):
     """(dprefix_k, dprefix_v) shaped like the prefix tensors, in their dtype. With dq_acc (an fp32 buffer shaped
     like q), also atomically add the prefix keys' share of dQ into it (deterministic=False)."""
     batch, heads_q, seq_q, head_dim = q.shape
@@ -241,9 +342,18 @@ def prefix_grads(q, dout, lse2, delta, pre: PrefixArgs, scale: float, cfg: Kerne
     dpv = torch.empty_like(pre.v)
     if dpk.numel() == 0:
         return dpk, dpv
-    p = plan(batch=batch, heads_q=heads_q, heads_kv=heads_kv, seq_q=seq_q, prefix_len=prefix_len,
-             pool_size=pre.pool_size, block_m=cfg.block_m, block_p=cfg.block_n, sm_count=device_sm_count(q.device),
-             chunks=chunks)
+    p = plan(
+        batch=batch,
+        heads_q=heads_q,
+        heads_kv=heads_kv,
+        seq_q=seq_q,
+        prefix_len=prefix_len,
+        pool_size=pre.pool_size,
+        block_m=cfg.block_m,
+        block_p=cfg.block_n,
+        sm_count=device_sm_count(q.device),
+        chunks=chunks,
+    )
     block_d = head_dim_block(head_dim)
     tiles_m = triton.cdiv(seq_q, cfg.block_m)
     items_per_seq = (heads_q // heads_kv) * tiles_m
@@ -256,30 +366,83 @@ def prefix_grads(q, dout, lse2, delta, pre: PrefixArgs, scale: float, cfg: Kerne
 
     if seq_q > 0 and batch > 0:
         _prefix_partial_kernel[(p.prefix_blocks, heads_kv, p.chunks)](
-            q, dout, lse2, delta, pre.k, pre.v, pre.lengths, order, sorted_idx, seg_start, seg_end, part_k, part_v,
+            q,
+            dout,
+            lse2,
+            delta,
+            pre.k,
+            pre.v,
+            pre.lengths,
+            order,
+            sorted_idx,
+            seg_start,
+            seg_end,
+            part_k,
+            part_v,
             dq_t,
-            q.stride(0), q.stride(1), q.stride(2),
-            dout.stride(0), dout.stride(1), dout.stride(2),
-            *pre.stride_k, *pre.stride_v,
-            part_k.stride(0), part_k.stride(1),
-            dq_t.stride(0), dq_t.stride(1), dq_t.stride(2),
-            batch, heads_q, heads_q // heads_kv, seq_q, prefix_len, items_per_seq, tiles_m, p.chunks,
-            scale * LOG2E, scale,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_P=p.block_p,
-            POOLED=pre.pooled, HAS_LENGTHS=pre.has_lengths, ACC=tl_acc(q.dtype), DOT_PREC=dot_precision(q.dtype),
-            FUSE_DQ=dq_acc is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            q.stride(0),
+            q.stride(1),
+            q.stride(2),
+            dout.stride(0),
+            dout.stride(1),
+            dout.stride(2),
+            *pre.stride_k,
+            *pre.stride_v,
+            part_k.stride(0),
+            part_k.stride(1),
+            dq_t.stride(0),
+            dq_t.stride(1),
+            dq_t.stride(2),
+            batch,
+            heads_q,
+            heads_q // heads_kv,
+            seq_q,
+            prefix_len,
+            items_per_seq,
+            tiles_m,
+            p.chunks,
+            scale * LOG2E,
+            scale,
+            HEAD_DIM=head_dim,
+            BLOCK_D=block_d,
+            BLOCK_M=cfg.block_m,
+            BLOCK_P=p.block_p,
+            POOLED=pre.pooled,
+            HAS_LENGTHS=pre.has_lengths,
+            ACC=tl_acc(q.dtype),
+            DOT_PREC=dot_precision(q.dtype),
+            FUSE_DQ=dq_acc is not None,
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
         )
     view_k = dpk if pre.pooled else dpk.unsqueeze(0)
     view_v = dpv if pre.pooled else dpv.unsqueeze(0)
     # A memory-bound sum: small row blocks keep the two accumulators at ~32 registers per thread.
     block_r = min(64, max(16, (4096 if acc_dtype(q.dtype) == torch.float32 else 2048) // block_d))
     _prefix_reduce_kernel[(triton.cdiv(prefix_len, block_r), heads_kv, pre.pool_size)](
-        part_k, part_v, seg_start, seg_end, view_k, view_v,
-        part_k.stride(0), part_k.stride(1),
-        view_k.stride(0), view_k.stride(1), view_k.stride(2),
-        view_v.stride(0), view_v.stride(1), view_v.stride(2),
-        batch, prefix_len, items_per_seq, p.chunks,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_R=block_r, POOLED=pre.pooled, ACC=tl_acc(q.dtype),
+        part_k,
+        part_v,
+        seg_start,
+        seg_end,
+        view_k,
+        view_v,
+        part_k.stride(0),
+        part_k.stride(1),
+        view_k.stride(0),
+        view_k.stride(1),
+        view_k.stride(2),
+        view_v.stride(0),
+        view_v.stride(1),
+        view_v.stride(2),
+        batch,
+        prefix_len,
+        items_per_seq,
+        p.chunks,
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        BLOCK_R=block_r,
+        POOLED=pre.pooled,
+        ACC=tl_acc(q.dtype),
         num_warps=4,
     )
     del part_k, part_v  # a temporary: freed (returned to the caching allocator) before the caller continues

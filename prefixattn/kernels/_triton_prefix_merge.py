@@ -22,16 +22,46 @@ from .triton_fwd import prefix_tiles
 
 @triton.jit
 def _prefix_merge_fwd_kernel(
-    Q, PK, PV, PIDX, PLEN, OSEQ, LSEQ, OUT, LSE,
-    stride_qb, stride_qh, stride_qm,
-    stride_pke, stride_pkh, stride_pkn,
-    stride_pve, stride_pvh, stride_pvn,
-    stride_osb, stride_osh, stride_osm,
-    stride_lsb, stride_lsh, stride_lsm,
-    stride_ob, stride_oh, stride_om,
-    heads_q, group, seq_q, prefix_len, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    POOLED: tl.constexpr, HAS_LENGTHS: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr,
+    Q,
+    PK,
+    PV,
+    PIDX,
+    PLEN,
+    OSEQ,
+    LSEQ,
+    OUT,
+    LSE,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_pke,
+    stride_pkh,
+    stride_pkn,
+    stride_pve,
+    stride_pvh,
+    stride_pvn,
+    stride_osb,
+    stride_osh,
+    stride_osm,
+    stride_lsb,
+    stride_lsh,
+    stride_lsm,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    heads_q,
+    group,
+    seq_q,
+    prefix_len,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    POOLED: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr,
+    ACC: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -44,33 +74,98 @@ def _prefix_merge_fwd_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    q = load_rows(Q + b64 * stride_qb + h64 * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-                  offs_m, seq_q, offs_d, HEAD_DIM, BLOCK_D, True)
+    q = load_rows(
+        Q + b64 * stride_qb + h64 * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+        offs_m,
+        seq_q,
+        offs_d,
+        HEAD_DIM,
+        BLOCK_D,
+        True,
+    )
 
     # The state after the sequence keys, base 2.
-    lse_seq = tl.load(LSEQ + b64 * stride_lsb + h64 * stride_lsh + offs_m * stride_lsm, mask=offs_m < seq_q,
-                      other=float("-inf")).to(ACC)
+    lse_seq = tl.load(
+        LSEQ + b64 * stride_lsb + h64 * stride_lsh + offs_m * stride_lsm, mask=offs_m < seq_q, other=float("-inf")
+    ).to(ACC)
     has_seq = lse_seq != float("-inf")
     m_i = lse_seq * 1.4426950408889634
     l_i = tl.where(has_seq, 1.0, 0.0).to(ACC)
-    acc = load_rows(OSEQ + b64 * stride_osb + h64 * stride_osh + offs_m[:, None] * stride_osm + offs_d[None, :],
-                    offs_m, seq_q, offs_d, HEAD_DIM, BLOCK_D, True).to(ACC)
+    acc = load_rows(
+        OSEQ + b64 * stride_osb + h64 * stride_osh + offs_m[:, None] * stride_osm + offs_d[None, :],
+        offs_m,
+        seq_q,
+        offs_d,
+        HEAD_DIM,
+        BLOCK_D,
+        True,
+    ).to(ACC)
     acc = tl.where(has_seq[:, None], acc, 0.0)
 
-    pk_ptrs, pv_ptrs, plen = prefix_tile_ptrs(PK, PV, PIDX, PLEN, b, kvh, prefix_len, stride_pke, stride_pkh,
-                                              stride_pkn, stride_pve, stride_pvh, stride_pvn, offs_n, offs_d,
-                                              POOLED, HAS_LENGTHS)
-    acc, m_i, l_i = prefix_tiles(acc, m_i, l_i, q, pk_ptrs, pv_ptrs, stride_pkn, stride_pvn, plen, offs_m, offs_n,
-                                 offs_d, qk_scale, seq_q, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
+    pk_ptrs, pv_ptrs, plen = prefix_tile_ptrs(
+        PK,
+        PV,
+        PIDX,
+        PLEN,
+        b,
+        kvh,
+        prefix_len,
+        stride_pke,
+        stride_pkh,
+        stride_pkn,
+        stride_pve,
+        stride_pvh,
+        stride_pvn,
+        offs_n,
+        offs_d,
+        POOLED,
+        HAS_LENGTHS,
+    )
+    acc, m_i, l_i = prefix_tiles(
+        acc,
+        m_i,
+        l_i,
+        q,
+        pk_ptrs,
+        pv_ptrs,
+        stride_pkn,
+        stride_pvn,
+        plen,
+        offs_m,
+        offs_n,
+        offs_d,
+        qk_scale,
+        seq_q,
+        HEAD_DIM,
+        BLOCK_D,
+        BLOCK_N,
+        DOT_PREC,
+    )
 
     out, lse = finish_rows(acc, m_i, l_i)
-    store_rows(OUT + b64 * stride_ob + h64 * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
-               out.to(OUT.dtype.element_ty), offs_m, seq_q, offs_d, HEAD_DIM, BLOCK_D)
+    store_rows(
+        OUT + b64 * stride_ob + h64 * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
+        out.to(OUT.dtype.element_ty),
+        offs_m,
+        seq_q,
+        offs_d,
+        HEAD_DIM,
+        BLOCK_D,
+    )
     tl.store(LSE + pid_bh.to(tl.int64) * seq_q + offs_m, lse.to(LSE.dtype.element_ty), mask=offs_m < seq_q)
 
 
-def merge_prefix(q: torch.Tensor, prefix_k, prefix_v, prefix_index, prefix_lengths, out_seq: torch.Tensor,
-                 lse_seq: torch.Tensor, scale: float, out: torch.Tensor):
+def merge_prefix(
+    q: torch.Tensor,
+    prefix_k,
+    prefix_v,
+    prefix_index,
+    prefix_lengths,
+    out_seq: torch.Tensor,
+    lse_seq: torch.Tensor,
+    scale: float,
+    out: torch.Tensor,
+):
     """(out [B, Hq, Sq, D], lse [B, Hq, Sq]) of attention over [prefix; sequence], from the sequence-only result
     out_seq [B, Hq, Sq, D] (any strides, last dim contiguous) and its natural-log lse_seq [B, Hq, Sq], written
     into out (any strides, last dim contiguous). prefix_index must already be range-mapped (out of range -> -1)."""
@@ -88,15 +183,43 @@ def merge_prefix(q: torch.Tensor, prefix_k, prefix_v, prefix_index, prefix_lengt
     block_n = min(cfg.block_n, max(16, triton.next_power_of_2(pre.length)))
     grid = (triton.cdiv(seq_q, cfg.block_m), batch * heads_q)
     _prefix_merge_fwd_kernel[grid](
-        q, pre.k, pre.v, pre.index, pre.lengths, out_seq, lse_seq, out, lse,
-        q.stride(0), q.stride(1), q.stride(2),
-        *pre.stride_k, *pre.stride_v,
-        out_seq.stride(0), out_seq.stride(1), out_seq.stride(2),
-        lse_seq.stride(0), lse_seq.stride(1), lse_seq.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        heads_q, heads_q // prefix_k.shape[-3], seq_q, pre.length, scale * LOG2E,
-        HEAD_DIM=head_dim, BLOCK_D=head_dim_block(head_dim), BLOCK_M=cfg.block_m, BLOCK_N=block_n,
-        POOLED=pre.pooled, HAS_LENGTHS=pre.has_lengths, ACC=tl_acc(q.dtype), DOT_PREC=dot_precision(q.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        q,
+        pre.k,
+        pre.v,
+        pre.index,
+        pre.lengths,
+        out_seq,
+        lse_seq,
+        out,
+        lse,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        *pre.stride_k,
+        *pre.stride_v,
+        out_seq.stride(0),
+        out_seq.stride(1),
+        out_seq.stride(2),
+        lse_seq.stride(0),
+        lse_seq.stride(1),
+        lse_seq.stride(2),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        heads_q,
+        heads_q // prefix_k.shape[-3],
+        seq_q,
+        pre.length,
+        scale * LOG2E,
+        HEAD_DIM=head_dim,
+        BLOCK_D=head_dim_block(head_dim),
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=block_n,
+        POOLED=pre.pooled,
+        HAS_LENGTHS=pre.has_lengths,
+        ACC=tl_acc(q.dtype),
+        DOT_PREC=dot_precision(q.dtype),
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
     return out, lse

@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Optional
+from functools import cache, lru_cache
 
 import torch
 from torch import Tensor
@@ -46,8 +45,9 @@ def extension_loaded() -> bool:
 # Backend selection
 
 
-def _shape_reason(device: torch.device, dtype: torch.dtype, head_dim: int, seqlen_q: int,
-                  needs_grad: bool) -> Optional[str]:
+def _shape_reason(
+    device: torch.device, dtype: torch.dtype, head_dim: int, seqlen_q: int, needs_grad: bool
+) -> str | None:
     if cuda_ext.load() is None:
         return cuda_ext.why_unavailable()
     if device.type != "cuda":
@@ -57,14 +57,16 @@ def _shape_reason(device: torch.device, dtype: torch.dtype, head_dim: int, seqle
     if head_dim not in HEAD_DIMS:
         return f"head dim {head_dim} is not supported by the CUDA kernels (64 or 128)"
     if seqlen_q > MAX_SEQLEN_Q:
-        return (f"the CUDA kernels are decode kernels for at most {MAX_SEQLEN_Q} query rows, got Sq={seqlen_q} "
-                f"(use backend='triton')")
+        return (
+            f"the CUDA kernels are decode kernels for at most {MAX_SEQLEN_Q} query rows, got Sq={seqlen_q} "
+            f"(use backend='triton')"
+        )
     if needs_grad:
         return "the CUDA kernels are inference only and an input requires grad"
     return None
 
 
-def unsupported_reason(problem: Problem, *, needs_grad: bool, deterministic: bool = True) -> Optional[str]:
+def unsupported_reason(problem: Problem, *, needs_grad: bool, deterministic: bool = True) -> str | None:
     """Why the CUDA kernels cannot run this (contiguous-form) problem, or None if they can (inference only, so
     deterministic does not matter)."""
     reason = _shape_reason(problem.device, problem.dtype, problem.head_dim, problem.seqlen_q, needs_grad)
@@ -73,7 +75,7 @@ def unsupported_reason(problem: Problem, *, needs_grad: bool, deterministic: boo
     return reason
 
 
-def unsupported_reason_paged(q: Tensor, k_cache: Tensor, *, needs_grad: bool = False) -> Optional[str]:
+def unsupported_reason_paged(q: Tensor, k_cache: Tensor, *, needs_grad: bool = False) -> str | None:
     """Why the CUDA kernels cannot run a paged decode with this query and cache, or None if they can."""
     if q.dim() != 4:
         return f"q must be [B, Hq, Sq, D], got {q.dim()}-d"
@@ -93,8 +95,13 @@ class Rule:
     max_keys: int = 1 << 30
 
     def matches(self, dtype: torch.dtype, head_dim: int, seqlen_q: int, batch: int, keys: int) -> bool:
-        return (dtype in self.dtypes and head_dim in self.head_dims and seqlen_q <= self.max_seqlen_q
-                and self.min_batch <= batch <= self.max_batch and self.min_keys <= keys <= self.max_keys)
+        return (
+            dtype in self.dtypes
+            and head_dim in self.head_dims
+            and seqlen_q <= self.max_seqlen_q
+            and self.min_batch <= batch <= self.max_batch
+            and self.min_keys <= keys <= self.max_keys
+        )
 
 
 # Measured preference (H200, bf16, Hq=32, Hkv=8, D=128, Sq=1, CUDA-graph timing, 2026-11-30,
@@ -121,7 +128,7 @@ def preferred(problem: Problem) -> bool:
     return any(r.matches(problem.dtype, problem.head_dim, problem.seqlen_q, problem.batch, keys) for r in PREFERRED)
 
 
-def preferred_paged(q: Tensor, k_cache: Tensor, block_table: Tensor, prefix_k: Optional[Tensor] = None) -> bool:
+def preferred_paged(q: Tensor, k_cache: Tensor, block_table: Tensor, prefix_k: Tensor | None = None) -> bool:
     keys = block_table.shape[1] * k_cache.shape[1] + (prefix_k.shape[-2] if prefix_k is not None else 0)
     return any(r.matches(q.dtype, q.shape[-1], q.shape[2], q.shape[0], keys) for r in PREFERRED_PAGED)
 
@@ -130,23 +137,66 @@ def preferred_paged(q: Tensor, k_cache: Tensor, block_table: Tensor, prefix_k: O
 # The op-level entry points (prefixattn.ops) and the decode calls
 
 
-def forward(q: Tensor, k: Tensor, v: Tensor, prefix_k, prefix_v, prefix_index, prefix_lengths,
-            key_padding_mask, attn_bias, causal: bool, scale: float):
+def forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    prefix_k,
+    prefix_v,
+    prefix_index,
+    prefix_lengths,
+    key_padding_mask,
+    attn_bias,
+    causal: bool,
+    scale: float,
+):
     if attn_bias is not None:
-        raise ValueError("attn_bias: backend 'cuda' does not support an attention bias, got a tensor "
-                         "(use backend='triton' or 'torch')")
+        raise ValueError(
+            "attn_bias: backend 'cuda' does not support an attention bias, got a tensor "
+            "(use backend='triton' or 'torch')"
+        )
     return decode(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, causal, scale)
 
 
-def backward(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask,
-             attn_bias, out, lse, causal: bool, scale: float, *, deterministic: bool = True):
-    raise RuntimeError("backend 'cuda' is inference only (decode kernels) and has no backward; "
-                       "use backend='triton' or 'auto' when gradients are needed")
+def backward(
+    dout,
+    dlse,
+    q,
+    k,
+    v,
+    prefix_k,
+    prefix_v,
+    prefix_index,
+    prefix_lengths,
+    key_padding_mask,
+    attn_bias,
+    out,
+    lse,
+    causal: bool,
+    scale: float,
+    *,
+    deterministic: bool = True,
+):
+    raise RuntimeError(
+        "backend 'cuda' is inference only (decode kernels) and has no backward; "
+        "use backend='triton' or 'auto' when gradients are needed"
+    )
 
 
-def decode(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor], prefix_v: Optional[Tensor],
-           prefix_index: Optional[Tensor], prefix_lengths: Optional[Tensor], key_padding_mask: Optional[Tensor],
-           causal: bool, scale: float, *, num_splits: Optional[int] = None):
+def decode(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    prefix_k: Tensor | None,
+    prefix_v: Tensor | None,
+    prefix_index: Tensor | None,
+    prefix_lengths: Tensor | None,
+    key_padding_mask: Tensor | None,
+    causal: bool,
+    scale: float,
+    *,
+    num_splits: int | None = None,
+):
     """Attention of q [B, Hq, Sq, D] over [prefix; k/v [B, Hkv, Sk, D]] -> (out [B, Hq, Sq, D] as a view
     of [B, Sq, Hq, D] memory, lse float32 [B, Hq, Sq]). Shapes are assumed validated
     (prefixattn.validation); this checks what the kernels additionally need. num_splits overrides the
@@ -157,8 +207,9 @@ def decode(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor], prefix_v
     _check_data("k", k, q, 4)
     _check_data("v", v, q, 4)
     if k.shape != v.shape or k.shape[0] != batch or k.shape[3] != dim or hq % max(k.shape[1], 1):
-        raise ValueError(f"k, v: expected [B={batch}, Hkv, Sk, D={dim}] with Hq % Hkv == 0, got {list(k.shape)} "
-                         f"and {list(v.shape)}")
+        raise ValueError(
+            f"k, v: expected [B={batch}, Hkv, Sk, D={dim}] with Hq % Hkv == 0, got {list(k.shape)} and {list(v.shape)}"
+        )
     hkv, sk = k.shape[1], k.shape[2]
     p = C.DecodeParams()
     _fill_common(p, q, scale)
@@ -170,8 +221,10 @@ def decode(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor], prefix_v
     p.v_sb, p.v_sh, p.v_ss = _strides(v)
     if key_padding_mask is not None:
         if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (batch, sk):
-            raise ValueError(f"key_padding_mask: expected bool [{batch}, {sk}], got {key_padding_mask.dtype} "
-                             f"{list(key_padding_mask.shape)}")
+            raise ValueError(
+                f"key_padding_mask: expected bool [{batch}, {sk}], got {key_padding_mask.dtype} "
+                f"{list(key_padding_mask.shape)}"
+            )
         _same_device("key_padding_mask", key_padding_mask, q)
         p.key_padding_mask = key_padding_mask.data_ptr()
         p.kpm_sb, p.kpm_ss = key_padding_mask.stride()
@@ -179,10 +232,21 @@ def decode(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor], prefix_v
     return _launch(C, p, q, hkv, sk, num_splits)
 
 
-def paged_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, seq_lens: Tensor,
-                 prefix_k: Optional[Tensor], prefix_v: Optional[Tensor], prefix_index: Optional[Tensor],
-                 prefix_lengths: Optional[Tensor], scale: float, *, num_splits: Optional[int] = None,
-                 validate_values: bool = False):
+def paged_decode(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    block_table: Tensor,
+    seq_lens: Tensor,
+    prefix_k: Tensor | None,
+    prefix_v: Tensor | None,
+    prefix_index: Tensor | None,
+    prefix_lengths: Tensor | None,
+    scale: float,
+    *,
+    num_splits: int | None = None,
+    validate_values: bool = False,
+):
     """Decode against a paged cache: k_cache, v_cache [num_pages, page_size, Hkv, D], block_table
     [B, max_pages] (int32; int64 is converted), seq_lens [B] counting the Sq new tokens (query i sees
     sequence keys j <= seq_len - Sq + i). The prefix stays in its own buffer. Returns (out, lse) as decode.
@@ -193,14 +257,18 @@ def paged_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tenso
     _check_query(q)
     inputs = (q, k_cache, v_cache, prefix_k, prefix_v)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
-        raise ValueError("q: the CUDA kernels are inference only, but an input requires grad "
-                         "(use torch.no_grad(), or backend='triton')")
+        raise ValueError(
+            "q: the CUDA kernels are inference only, but an input requires grad "
+            "(use torch.no_grad(), or backend='triton')"
+        )
     batch, hq, sq, dim = q.shape
     _check_data("k_cache", k_cache, q, 4)
     _check_data("v_cache", v_cache, q, 4)
     if k_cache.shape != v_cache.shape or k_cache.shape[3] != dim or hq % max(k_cache.shape[2], 1):
-        raise ValueError(f"k_cache, v_cache: expected [num_pages, page_size, Hkv, D={dim}] with Hq % Hkv == 0, got "
-                         f"{list(k_cache.shape)} and {list(v_cache.shape)}")
+        raise ValueError(
+            f"k_cache, v_cache: expected [num_pages, page_size, Hkv, D={dim}] with Hq % Hkv == 0, got "
+            f"{list(k_cache.shape)} and {list(v_cache.shape)}"
+        )
     num_pages, page_size, hkv = k_cache.shape[:3]
     block_table = _index_tensor("block_table", block_table, q, 2, batch)
     seq_lens = _index_tensor("seq_lens", seq_lens, q, 1, batch)
@@ -270,11 +338,15 @@ def _check_layout(name: str, t: Tensor) -> None:
     if t.stride(-1) != 1:
         raise ValueError(f"{name}: the last dimension must be contiguous (stride 1), got strides {t.stride()}")
     if t.data_ptr() % 16:
-        raise ValueError(f"{name}: the CUDA kernels need a 16-byte aligned data pointer, got address "
-                         f"{t.data_ptr():#x} (a view at an odd offset; pass a .clone())")
+        raise ValueError(
+            f"{name}: the CUDA kernels need a 16-byte aligned data pointer, got address "
+            f"{t.data_ptr():#x} (a view at an odd offset; pass a .clone())"
+        )
     if any(n > 1 and s % 8 for n, s in zip(t.shape[:-1], t.stride()[:-1])):
-        raise ValueError(f"{name}: the CUDA kernels need strides that are multiples of 8 elements (16 bytes), "
-                         f"got strides {t.stride()} for shape {list(t.shape)}")
+        raise ValueError(
+            f"{name}: the CUDA kernels need strides that are multiples of 8 elements (16 bytes), "
+            f"got strides {t.stride()} for shape {list(t.shape)}"
+        )
 
 
 def _strides(t: Tensor) -> tuple:
@@ -298,33 +370,46 @@ def _check_int_vector(name: str, t: Tensor, length: int, q: Tensor) -> None:
     _same_device(name, t, q)
 
 
-def _check_paged_values(block_table: Tensor, seq_lens: Tensor, num_pages: int, page_size: int,
-                        prefix_k: Optional[Tensor], prefix_index: Optional[Tensor],
-                        prefix_lengths: Optional[Tensor]) -> None:
+def _check_paged_values(
+    block_table: Tensor,
+    seq_lens: Tensor,
+    num_pages: int,
+    page_size: int,
+    prefix_k: Tensor | None,
+    prefix_index: Tensor | None,
+    prefix_lengths: Tensor | None,
+) -> None:
     """The opt-in value checks of paged_decode (they synchronise with the device)."""
     bt, sl = block_table.cpu(), seq_lens.cpu().long()
     cap = bt.shape[1] * page_size
     bad = ((sl < 0) | (sl > cap)).nonzero().flatten()
     if bad.numel():
         b = int(bad[0])
-        raise ValueError(f"seq_lens: expected values in [0, {cap}] (max_pages * page_size), got {int(sl[b])} "
-                         f"for sequence {b}")
+        raise ValueError(
+            f"seq_lens: expected values in [0, {cap}] (max_pages * page_size), got {int(sl[b])} for sequence {b}"
+        )
     used = torch.arange(bt.shape[1])[None, :] < ((sl + page_size - 1) // page_size)[:, None]
     bad = (used & ((bt < 0) | (bt >= num_pages))).nonzero()
     if bad.numel():
         b, slot = (int(x) for x in bad[0])
-        raise ValueError(f"block_table: expected page ids in [0, {num_pages}) for the pages a sequence uses, got "
-                         f"{int(bt[b, slot])} at [{b}, {slot}]")
+        raise ValueError(
+            f"block_table: expected page ids in [0, {num_pages}) for the pages a sequence uses, got "
+            f"{int(bt[b, slot])} at [{b}, {slot}]"
+        )
     if prefix_k is not None and prefix_k.dim() == 4 and prefix_index is not None and prefix_index.numel():
         idx = prefix_index.cpu()
         if int(idx.min()) < -1 or int(idx.max()) >= prefix_k.shape[0]:
-            raise ValueError(f"prefix_index: expected values in [-1, {prefix_k.shape[0] - 1}], got min "
-                             f"{int(idx.min())}, max {int(idx.max())}")
+            raise ValueError(
+                f"prefix_index: expected values in [-1, {prefix_k.shape[0] - 1}], got min "
+                f"{int(idx.min())}, max {int(idx.max())}"
+            )
     if prefix_k is not None and prefix_lengths is not None and prefix_lengths.numel():
         lengths = prefix_lengths.cpu()
         if int(lengths.min()) < 0 or int(lengths.max()) > prefix_k.shape[-2]:
-            raise ValueError(f"prefix_lengths: expected values in [0, {prefix_k.shape[-2]}], got min "
-                             f"{int(lengths.min())}, max {int(lengths.max())}")
+            raise ValueError(
+                f"prefix_lengths: expected values in [0, {prefix_k.shape[-2]}], got min "
+                f"{int(lengths.min())}, max {int(lengths.max())}"
+            )
 
 
 def _fill_common(p, q: Tensor, scale: float) -> None:
@@ -347,8 +432,10 @@ def _fill_prefix(p, q: Tensor, hkv: int, prefix_k, prefix_v, prefix_index, prefi
     plen = prefix_k.shape[-2]
     pool = prefix_k.shape[0] if pooled else 1
     if prefix_v.shape != prefix_k.shape or tuple(prefix_k.shape[-3:]) != (hkv, plen, dim):
-        raise ValueError(f"prefix_k, prefix_v: expected [N, Hkv={hkv}, P, D={dim}] or [Hkv, P, D], got "
-                         f"{list(prefix_k.shape)} and {list(prefix_v.shape)}")
+        raise ValueError(
+            f"prefix_k, prefix_v: expected [N, Hkv={hkv}, P, D={dim}] or [Hkv, P, D], got "
+            f"{list(prefix_k.shape)} and {list(prefix_v.shape)}"
+        )
     p.prefix_k, p.prefix_v = prefix_k.data_ptr(), prefix_v.data_ptr()
     p.prefix_len = plen
     if pooled:
@@ -373,7 +460,7 @@ def _fill_prefix(p, q: Tensor, hkv: int, prefix_k, prefix_v, prefix_index, prefi
         p.pl_s = prefix_lengths.stride(0)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
@@ -397,7 +484,7 @@ def num_splits(blocks: int, max_keys: int, head_dim: int, sms: int) -> int:
     return next(s for s in range(1, limit + 1) if efficiency(s) >= 0.85 * best)
 
 
-def _launch(C, p, q: Tensor, hkv: int, max_seq: int, splits: Optional[int]):
+def _launch(C, p, q: Tensor, hkv: int, max_seq: int, splits: int | None):
     batch, hq, sq, dim = q.shape
     out = new_out(q)
     lse = torch.empty((batch, hq, sq), dtype=torch.float32, device=q.device)

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
-from typing import Optional
 
 _loaded = False
-_module: Optional[ModuleType] = None
+_module: ModuleType | None = None
 _reason = ""
 
 
-def load() -> Optional[ModuleType]:
+def load() -> ModuleType | None:
     """The extension module, or None when it is not built or cannot be imported (see why_unavailable)."""
     global _loaded, _module, _reason
     if not _loaded:
@@ -22,9 +21,11 @@ def load() -> Optional[ModuleType]:
             if err.name != "prefixattn._C":
                 _reason = f"prefixattn._C could not be imported: {err}"
             else:
-                _reason = ("prefixattn._C is not built in this installation (it is compiled at install time when "
-                           "nvcc is found; reinstall with nvcc on PATH or CUDA_HOME set, e.g. "
-                           "`pip install --no-build-isolation -e .`, or PREFIXATTN_BUILD_CUDA=1 to make it required)")
+                _reason = (
+                    "prefixattn._C is not built in this installation (it is compiled at install time when "
+                    "nvcc is found; reinstall with nvcc on PATH or CUDA_HOME set, e.g. "
+                    "`pip install --no-build-isolation -e .`, or PREFIXATTN_BUILD_CUDA=1 to make it required)"
+                )
         except ImportError as err:  # built, but not for this Python / platform
             _reason = f"prefixattn._C is present but failed to import: {err}"
     return _module

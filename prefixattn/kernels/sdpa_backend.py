@@ -22,7 +22,6 @@ added in fp32 and rounded again: at most one more rounding than the triton backe
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -31,6 +30,7 @@ from ..validation import Problem
 from . import triton_unavailable_reason
 
 aten = torch.ops.aten
+
 
 def new_out(q: Tensor) -> Tensor:
     """The output follows q's layout ([B, Sq, Hq, D] memory in transformers models, contiguous in benchmarks),
@@ -43,7 +43,7 @@ SEQUENCE_KERNEL = "auto"
 _CUDA_KERNELS = ("cudnn", "flash")
 
 
-def unsupported_reason(problem: Problem, *, needs_grad: bool, deterministic: bool = True) -> Optional[str]:
+def unsupported_reason(problem: Problem, *, needs_grad: bool, deterministic: bool = True) -> str | None:
     reason = triton_unavailable_reason(problem.device)
     if reason is not None:
         return reason + " (the sdpa backend runs the prefix part in Triton)"
@@ -52,11 +52,15 @@ def unsupported_reason(problem: Problem, *, needs_grad: bool, deterministic: boo
     if problem.has_bias:
         return "attn_bias is not supported"
     if problem.causal and problem.seqlen_q not in (1, problem.seqlen_k):
-        return (f"causal attention needs Sq == Sk or Sq == 1 here (got Sq={problem.seqlen_q}, "
-                f"Sk={problem.seqlen_k}): the vendor kernels align a non-square causal mask top-left")
+        return (
+            f"causal attention needs Sq == Sk or Sq == 1 here (got Sq={problem.seqlen_q}, "
+            f"Sk={problem.seqlen_k}): the vendor kernels align a non-square causal mask top-left"
+        )
     if needs_grad and deterministic:
-        return ("its backward runs cuDNN/flash attention, which accumulate dq with atomics (not deterministic); "
-                "pass deterministic=False to use it for training")
+        return (
+            "its backward runs cuDNN/flash attention, which accumulate dq with atomics (not deterministic); "
+            "pass deterministic=False to use it for training"
+        )
     if problem.device.type == "cuda":
         if problem.dtype not in (torch.float16, torch.bfloat16):
             return f"dtype {problem.dtype} on CUDA (the fused kernels take float16 and bfloat16)"
@@ -65,7 +69,7 @@ def unsupported_reason(problem: Problem, *, needs_grad: bool, deterministic: boo
     return None
 
 
-def sequence_kernel_for(q: Tensor, k: Tensor, v: Tensor, causal: bool, needs_grad: bool) -> Optional[str]:
+def sequence_kernel_for(q: Tensor, k: Tensor, v: Tensor, causal: bool, needs_grad: bool) -> str | None:
     """The kernel that runs the sequence part of these very tensors (layouts matter to cuDNN): "cpu_flash" on
     the CPU; on CUDA the pinned SEQUENCE_KERNEL, or cuDNN where torch's own SDPA dispatcher would use it, else
     flash; None when torch refuses both. A few microseconds of host checks, no launch."""
@@ -90,7 +94,8 @@ def _kernel_or_raise(q, k, v, causal: bool, needs_grad: bool) -> str:
         raise RuntimeError(
             f"backend 'sdpa': torch {torch.__version__} can run neither cuDNN nor flash attention for q "
             f"{tuple(q.shape)}, k {tuple(k.shape)} {q.dtype} (strides {q.stride()}, {k.stride()}) "
-            f"{'with' if needs_grad else 'without'} gradients; use backend='triton'")
+            f"{'with' if needs_grad else 'without'} gradients; use backend='triton'"
+        )
     return kernel
 
 
@@ -119,8 +124,9 @@ def _sequence_backward(dout, q, k, v, out, lse, causal: bool, scale: float):
     kernel = _kernel_or_raise(q, k, v, causal, needs_grad=True)
     causal = _sequence_causal(causal, q)
     if kernel == "cpu_flash":
-        return aten._scaled_dot_product_flash_attention_for_cpu_backward(dout, q, k, v, out, lse, 0.0, causal,
-                                                                         scale=scale)
+        return aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout, q, k, v, out, lse, 0.0, causal, scale=scale
+        )
     lse32 = lse.float().contiguous()
     if dout.stride() != out.stride():  # cuDNN reads dO with O's layout
         dout = torch.empty_like(out).copy_(dout)
@@ -128,10 +134,11 @@ def _sequence_backward(dout, q, k, v, out, lse, causal: bool, scale: float):
     seed, offset = _rng_placeholders(kernel, q.device)
     if kernel == "cudnn":
         return aten._scaled_dot_product_cudnn_attention_backward(
-            dout, q, k, v, out, lse32.unsqueeze(-1), seed, offset, None, None, None, sq, seq_k, 0.0, causal,
-            scale=scale)
+            dout, q, k, v, out, lse32.unsqueeze(-1), seed, offset, None, None, None, sq, seq_k, 0.0, causal, scale=scale
+        )
     return aten._scaled_dot_product_flash_attention_backward(
-        dout, q, k, v, out, lse32, None, None, sq, seq_k, 0.0, causal, seed, offset, scale=scale)
+        dout, q, k, v, out, lse32, None, None, sq, seq_k, 0.0, causal, seed, offset, scale=scale
+    )
 
 
 def _like(t: Tensor, x: Tensor) -> Tensor:
@@ -153,8 +160,19 @@ def _rng_placeholders(kernel: str, device: torch.device):
     return tuple(aten._scaled_dot_product_flash_attention(x, x, x, 0.0, False, False)[6:8])
 
 
-def forward(q: Tensor, k: Tensor, v: Tensor, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask,
-            attn_bias, causal: bool, scale: float):
+def forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    prefix_k,
+    prefix_v,
+    prefix_index,
+    prefix_lengths,
+    key_padding_mask,
+    attn_bias,
+    causal: bool,
+    scale: float,
+):
     from . import _triton_prefix_merge
     from .triton_backend import pool_args_in_range
 
@@ -163,31 +181,52 @@ def forward(q: Tensor, k: Tensor, v: Tensor, prefix_k, prefix_v, prefix_index, p
         from . import triton_fwd
 
         prefix_index, prefix_lengths = pool_args_in_range(prefix_k, prefix_index, prefix_lengths)
-        out, lse = triton_fwd.forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, None, None, causal,
-                                      scale)
+        out, lse = triton_fwd.forward(
+            q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, None, None, causal, scale
+        )
         return _like(out, q), lse
     out_seq, lse_seq = _sequence_forward(q, k, v, causal, scale)
     if prefix_k is None:
         lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         return _like(out_seq, q), lse_seq.to(lse_dtype).contiguous()  # a no-op for the vendors' fp32 lse
     prefix_index, prefix_lengths = pool_args_in_range(prefix_k, prefix_index, prefix_lengths)
-    return _triton_prefix_merge.merge_prefix(q, prefix_k, prefix_v, prefix_index, prefix_lengths, out_seq, lse_seq,
-                                             scale, new_out(q))
+    return _triton_prefix_merge.merge_prefix(
+        q, prefix_k, prefix_v, prefix_index, prefix_lengths, out_seq, lse_seq, scale, new_out(q)
+    )
 
 
-def backward(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, attn_bias,
-             out, lse, causal: bool, scale: float, *, deterministic: bool = False):
+def backward(
+    dout,
+    dlse,
+    q,
+    k,
+    v,
+    prefix_k,
+    prefix_v,
+    prefix_index,
+    prefix_lengths,
+    key_padding_mask,
+    attn_bias,
+    out,
+    lse,
+    causal: bool,
+    scale: float,
+    *,
+    deterministic: bool = False,
+):
     from . import triton_bwd
     from .triton_backend import pool_args_in_range
 
     prefix_index, prefix_lengths = pool_args_in_range(prefix_k, prefix_index, prefix_lengths)
     if dlse is not None or k.shape[2] == 0 or q.numel() == 0:
         # dlse shifts delta, which the vendor backward computes itself; the triton backward takes it.
-        return triton_bwd.backward(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, None,
-                                   None, out, lse, causal, scale)
+        return triton_bwd.backward(
+            dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, None, None, out, lse, causal, scale
+        )
     dq, dk, dv = (_like(g, x) for g, x in zip(_sequence_backward(dout, q, k, v, out, lse, causal, scale), (q, k, v)))
     if prefix_k is None:
         return dq, dk, dv, None, None
-    dpk, dpv = triton_bwd.prefix_backward(dout, None, q, prefix_k, prefix_v, prefix_index, prefix_lengths, out, lse,
-                                          dq, scale)
+    dpk, dpv = triton_bwd.prefix_backward(
+        dout, None, q, prefix_k, prefix_v, prefix_index, prefix_lengths, out, lse, dq, scale
+    )
     return dq, dk, dv, dpk, dpv

@@ -6,8 +6,6 @@ q, k, v, out and lse) does not care which forward ran.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -18,7 +16,7 @@ new_out = bshd_empty  # the output layout of both routes (ops.py's fake implemen
 MAX_HEAD_DIM = 256
 
 
-def unsupported_reason(problem: Problem, *, needs_grad: bool, deterministic: bool = True) -> Optional[str]:
+def unsupported_reason(problem: Problem, *, needs_grad: bool, deterministic: bool = True) -> str | None:
     reason = triton_unavailable_reason(problem.device)
     if reason is not None:
         return reason
@@ -38,25 +36,71 @@ def pool_args_in_range(prefix_k, prefix_index, prefix_lengths):
     return prefix_index, prefix_lengths
 
 
-def forward(q: Tensor, k: Tensor, v: Tensor, prefix_k, prefix_v, prefix_index, prefix_lengths,
-            key_padding_mask, attn_bias, causal: bool, scale: float):
+def forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    prefix_k,
+    prefix_v,
+    prefix_index,
+    prefix_lengths,
+    key_padding_mask,
+    attn_bias,
+    causal: bool,
+    scale: float,
+):
     from . import triton_decode
 
     if triton_decode.handles(q, k, prefix_k, key_padding_mask, attn_bias, causal):
-        return triton_decode.forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths,
-                                     key_padding_mask, causal, scale)
+        return triton_decode.forward(
+            q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, causal, scale
+        )
     from . import triton_fwd
 
     prefix_index, prefix_lengths = pool_args_in_range(prefix_k, prefix_index, prefix_lengths)
 
-    return triton_fwd.forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths,
-                              key_padding_mask, attn_bias, causal, scale)
+    return triton_fwd.forward(
+        q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, attn_bias, causal, scale
+    )
 
 
-def backward(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask,
-             attn_bias, out, lse, causal: bool, scale: float, *, deterministic: bool = True):
+def backward(
+    dout,
+    dlse,
+    q,
+    k,
+    v,
+    prefix_k,
+    prefix_v,
+    prefix_index,
+    prefix_lengths,
+    key_padding_mask,
+    attn_bias,
+    out,
+    lse,
+    causal: bool,
+    scale: float,
+    *,
+    deterministic: bool = True,
+):
     from . import triton_bwd
 
     prefix_index, prefix_lengths = pool_args_in_range(prefix_k, prefix_index, prefix_lengths)
-    return triton_bwd.backward(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths,
-                               key_padding_mask, attn_bias, out, lse, causal, scale, deterministic=deterministic)
+    return triton_bwd.backward(
+        dout,
+        dlse,
+        q,
+        k,
+        v,
+        prefix_k,
+        prefix_v,
+        prefix_index,
+        prefix_lengths,
+        key_padding_mask,
+        attn_bias,
+        out,
+        lse,
+        causal,
+        scale,
+        deterministic=deterministic,
+    )

@@ -20,15 +20,25 @@ that sees it and one per prefix block of its sequence's entry; keys it does not 
 
 from __future__ import annotations
 
-from typing import Dict, Optional
-
 import torch
 import triton
 import triton.language as tl
 
 from . import _triton_prefix_bwd
-from ._triton_common import (LOG2E, PrefixArgs, atomic_add_rows, bias_strides, load_rows, mask_sequence_scores,
-                             padding_args, prefix_tile_ptrs, sequence_tile_bounds, store_rows, tile_scores, tl_acc)
+from ._triton_common import (
+    LOG2E,
+    PrefixArgs,
+    atomic_add_rows,
+    bias_strides,
+    load_rows,
+    mask_sequence_scores,
+    padding_args,
+    prefix_tile_ptrs,
+    sequence_tile_bounds,
+    store_rows,
+    tile_scores,
+    tl_acc,
+)
 from ._triton_config import KernelConfig, acc_dtype, config_for, dot_precision, head_dim_block
 
 _PREPROCESS_BLOCK_M = 64
@@ -36,13 +46,30 @@ _PREPROCESS_BLOCK_M = 64
 
 @triton.jit
 def _bwd_preprocess_kernel(
-    OUT, DOUT, DLSE, LSE, DELTA, LSE2,
-    stride_ob, stride_oh, stride_om,
-    stride_dob, stride_doh, stride_dom,
-    stride_dlb, stride_dlh, stride_dlm,
-    stride_lb, stride_lh, stride_lm,
-    heads_q, seq_q,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, HAS_DLSE: tl.constexpr,
+    OUT,
+    DOUT,
+    DLSE,
+    LSE,
+    DELTA,
+    LSE2,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    stride_dob,
+    stride_doh,
+    stride_dom,
+    stride_dlb,
+    stride_dlh,
+    stride_dlm,
+    stride_lb,
+    stride_lh,
+    stride_lm,
+    heads_q,
+    seq_q,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    HAS_DLSE: tl.constexpr,
     ACC: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -51,14 +78,29 @@ def _bwd_preprocess_kernel(
     h = (pid_bh % heads_q).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    o = load_rows(OUT + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + offs_d[None, :],
-                  rows, seq_q, offs_d, HEAD_DIM, BLOCK_D, True).to(ACC)
-    do = load_rows(DOUT + b * stride_dob + h * stride_doh + rows[:, None] * stride_dom + offs_d[None, :],
-                   rows, seq_q, offs_d, HEAD_DIM, BLOCK_D, True).to(ACC)
+    o = load_rows(
+        OUT + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + offs_d[None, :],
+        rows,
+        seq_q,
+        offs_d,
+        HEAD_DIM,
+        BLOCK_D,
+        True,
+    ).to(ACC)
+    do = load_rows(
+        DOUT + b * stride_dob + h * stride_doh + rows[:, None] * stride_dom + offs_d[None, :],
+        rows,
+        seq_q,
+        offs_d,
+        HEAD_DIM,
+        BLOCK_D,
+        True,
+    ).to(ACC)
     delta = tl.sum(o * do, 1)
     if HAS_DLSE:
-        delta -= tl.load(DLSE + b * stride_dlb + h * stride_dlh + rows * stride_dlm, mask=rows < seq_q,
-                         other=0.0).to(ACC)
+        delta -= tl.load(DLSE + b * stride_dlb + h * stride_dlh + rows * stride_dlm, mask=rows < seq_q, other=0.0).to(
+            ACC
+        )
     lse = tl.load(LSE + b * stride_lb + h * stride_lh + rows * stride_lm, mask=rows < seq_q, other=0.0).to(ACC)
     empty = lse == float("-inf")
     stat = pid_bh.to(tl.int64) * seq_q + rows
@@ -67,14 +109,58 @@ def _bwd_preprocess_kernel(
 
 
 @triton.jit
-def _dq_step(dq, q, do, lse2, delta, k_ptrs, v_ptrs, cols, n_valid, offs_m, offs_d, qk_scale, seq_q, seq_k,
-             bias_base, stride_bias_m, stride_bias_n, pad_base, stride_pad_n,
-             SEQUENCE: tl.constexpr, BOUND: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-             HAS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
+def _dq_step(
+    dq,
+    q,
+    do,
+    lse2,
+    delta,
+    k_ptrs,
+    v_ptrs,
+    cols,
+    n_valid,
+    offs_m,
+    offs_d,
+    qk_scale,
+    seq_q,
+    seq_k,
+    bias_base,
+    stride_bias_m,
+    stride_bias_n,
+    pad_base,
+    stride_pad_n,
+    SEQUENCE: tl.constexpr,
+    BOUND: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
     k = load_rows(k_ptrs, cols, n_valid, offs_d, HEAD_DIM, BLOCK_D, BOUND)
     v = load_rows(v_ptrs, cols, n_valid, offs_d, HEAD_DIM, BLOCK_D, BOUND)
-    s = tile_scores(q, k, cols, n_valid, offs_m, qk_scale, seq_q, seq_k, bias_base, stride_bias_m, stride_bias_n,
-                    pad_base, stride_pad_n, SEQUENCE, BOUND, CAUSAL, HAS_BIAS, HAS_PAD, DOT_PREC)
+    s = tile_scores(
+        q,
+        k,
+        cols,
+        n_valid,
+        offs_m,
+        qk_scale,
+        seq_q,
+        seq_k,
+        bias_base,
+        stride_bias_m,
+        stride_bias_n,
+        pad_base,
+        stride_pad_n,
+        SEQUENCE,
+        BOUND,
+        CAUSAL,
+        HAS_BIAS,
+        HAS_PAD,
+        DOT_PREC,
+    )
     p = tl.exp2(s - lse2[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
     ds = p * (dp - delta[:, None])
@@ -84,21 +170,67 @@ def _dq_step(dq, q, do, lse2, delta, k_ptrs, v_ptrs, cols, n_valid, offs_m, offs
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, PK, PV, PIDX, PLEN, PAD, BIAS, DOUT, LSE2, DELTA, DQ,
-    stride_qb, stride_qh, stride_qm,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
-    stride_pke, stride_pkh, stride_pkn,
-    stride_pve, stride_pvh, stride_pvn,
-    stride_padb, stride_padn,
-    stride_bb, stride_bh, stride_bm, stride_bn,
-    stride_dob, stride_doh, stride_dom,
-    stride_dqb, stride_dqh, stride_dqm,
-    heads_q, group, seq_q, seq_k, prefix_len, qk_scale, scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, POOLED: tl.constexpr, HAS_LENGTHS: tl.constexpr,
-    HAS_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr,
-    SEQ_KEYS: tl.constexpr = True, ADD_DQ: tl.constexpr = False,
+    Q,
+    K,
+    V,
+    PK,
+    PV,
+    PIDX,
+    PLEN,
+    PAD,
+    BIAS,
+    DOUT,
+    LSE2,
+    DELTA,
+    DQ,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_pke,
+    stride_pkh,
+    stride_pkn,
+    stride_pve,
+    stride_pvh,
+    stride_pvn,
+    stride_padb,
+    stride_padn,
+    stride_bb,
+    stride_bh,
+    stride_bm,
+    stride_bn,
+    stride_dob,
+    stride_doh,
+    stride_dom,
+    stride_dqb,
+    stride_dqh,
+    stride_dqm,
+    heads_q,
+    group,
+    seq_q,
+    seq_k,
+    prefix_len,
+    qk_scale,
+    scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_PREFIX: tl.constexpr,
+    POOLED: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr,
+    HAS_PAD: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACC: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    SEQ_KEYS: tl.constexpr = True,
+    ADD_DQ: tl.constexpr = False,
 ):
     # SEQ_KEYS=False, ADD_DQ=True (the "sdpa" backend): only the prefix keys' share of dQ, added to the dq that
     # the vendor kernel computed for the sequence keys.
@@ -116,28 +248,110 @@ def _bwd_dq_kernel(
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    q = load_rows(Q + b64 * stride_qb + h64 * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-                  offs_m, seq_q, offs_d, HEAD_DIM, BLOCK_D, True)
-    do = load_rows(DOUT + b64 * stride_dob + h64 * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
-                   offs_m, seq_q, offs_d, HEAD_DIM, BLOCK_D, True)
+    q = load_rows(
+        Q + b64 * stride_qb + h64 * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+        offs_m,
+        seq_q,
+        offs_d,
+        HEAD_DIM,
+        BLOCK_D,
+        True,
+    )
+    do = load_rows(
+        DOUT + b64 * stride_dob + h64 * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
+        offs_m,
+        seq_q,
+        offs_d,
+        HEAD_DIM,
+        BLOCK_D,
+        True,
+    )
     stat = pid_bh.to(tl.int64) * seq_q + offs_m
     lse2 = tl.load(LSE2 + stat, mask=offs_m < seq_q, other=float("inf"))
     delta = tl.load(DELTA + stat, mask=offs_m < seq_q, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
 
     if HAS_PREFIX:
-        pk_ptrs, pv_ptrs, plen = prefix_tile_ptrs(PK, PV, PIDX, PLEN, b, kvh, prefix_len, stride_pke, stride_pkh,
-                                                  stride_pkn, stride_pve, stride_pvh, stride_pvn, offs_n, offs_d,
-                                                  POOLED, HAS_LENGTHS)
+        pk_ptrs, pv_ptrs, plen = prefix_tile_ptrs(
+            PK,
+            PV,
+            PIDX,
+            PLEN,
+            b,
+            kvh,
+            prefix_len,
+            stride_pke,
+            stride_pkh,
+            stride_pkn,
+            stride_pve,
+            stride_pvh,
+            stride_pvn,
+            offs_n,
+            offs_d,
+            POOLED,
+            HAS_LENGTHS,
+        )
         full_end = (plen // BLOCK_N) * BLOCK_N
         for start in range(0, full_end, BLOCK_N):
-            dq = _dq_step(dq, q, do, lse2, delta, pk_ptrs + start * stride_pkn, pv_ptrs + start * stride_pvn,
-                          start + offs_n, plen, offs_m, offs_d, qk_scale, seq_q, seq_k, BIAS, 0, 0, PAD, 0,
-                          False, False, False, False, False, HEAD_DIM, BLOCK_D, DOT_PREC)
+            dq = _dq_step(
+                dq,
+                q,
+                do,
+                lse2,
+                delta,
+                pk_ptrs + start * stride_pkn,
+                pv_ptrs + start * stride_pvn,
+                start + offs_n,
+                plen,
+                offs_m,
+                offs_d,
+                qk_scale,
+                seq_q,
+                seq_k,
+                BIAS,
+                0,
+                0,
+                PAD,
+                0,
+                False,
+                False,
+                False,
+                False,
+                False,
+                HEAD_DIM,
+                BLOCK_D,
+                DOT_PREC,
+            )
         for start in range(full_end, plen, BLOCK_N):
-            dq = _dq_step(dq, q, do, lse2, delta, pk_ptrs + start * stride_pkn, pv_ptrs + start * stride_pvn,
-                          start + offs_n, plen, offs_m, offs_d, qk_scale, seq_q, seq_k, BIAS, 0, 0, PAD, 0,
-                          False, True, False, False, False, HEAD_DIM, BLOCK_D, DOT_PREC)
+            dq = _dq_step(
+                dq,
+                q,
+                do,
+                lse2,
+                delta,
+                pk_ptrs + start * stride_pkn,
+                pv_ptrs + start * stride_pvn,
+                start + offs_n,
+                plen,
+                offs_m,
+                offs_d,
+                qk_scale,
+                seq_q,
+                seq_k,
+                BIAS,
+                0,
+                0,
+                PAD,
+                0,
+                False,
+                True,
+                False,
+                False,
+                False,
+                HEAD_DIM,
+                BLOCK_D,
+                DOT_PREC,
+            )
 
     if SEQ_KEYS:
         k_ptrs = K + b64 * stride_kb + kvh * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :]
@@ -146,13 +360,65 @@ def _bwd_dq_kernel(
         pad_base = PAD + b64 * stride_padb
         full_end, hi = sequence_tile_bounds(m0, seq_q, seq_k, BLOCK_M, BLOCK_N, CAUSAL)
         for start in range(0, full_end, BLOCK_N):
-            dq = _dq_step(dq, q, do, lse2, delta, k_ptrs + start * stride_kn, v_ptrs + start * stride_vn,
-                          start + offs_n, seq_k, offs_m, offs_d, qk_scale, seq_q, seq_k, bias_base, stride_bm, stride_bn,
-                          pad_base, stride_padn, True, False, False, HAS_BIAS, HAS_PAD, HEAD_DIM, BLOCK_D, DOT_PREC)
+            dq = _dq_step(
+                dq,
+                q,
+                do,
+                lse2,
+                delta,
+                k_ptrs + start * stride_kn,
+                v_ptrs + start * stride_vn,
+                start + offs_n,
+                seq_k,
+                offs_m,
+                offs_d,
+                qk_scale,
+                seq_q,
+                seq_k,
+                bias_base,
+                stride_bm,
+                stride_bn,
+                pad_base,
+                stride_padn,
+                True,
+                False,
+                False,
+                HAS_BIAS,
+                HAS_PAD,
+                HEAD_DIM,
+                BLOCK_D,
+                DOT_PREC,
+            )
         for start in range(full_end, hi, BLOCK_N):
-            dq = _dq_step(dq, q, do, lse2, delta, k_ptrs + start * stride_kn, v_ptrs + start * stride_vn,
-                          start + offs_n, seq_k, offs_m, offs_d, qk_scale, seq_q, seq_k, bias_base, stride_bm, stride_bn,
-                          pad_base, stride_padn, True, True, CAUSAL, HAS_BIAS, HAS_PAD, HEAD_DIM, BLOCK_D, DOT_PREC)
+            dq = _dq_step(
+                dq,
+                q,
+                do,
+                lse2,
+                delta,
+                k_ptrs + start * stride_kn,
+                v_ptrs + start * stride_vn,
+                start + offs_n,
+                seq_k,
+                offs_m,
+                offs_d,
+                qk_scale,
+                seq_q,
+                seq_k,
+                bias_base,
+                stride_bm,
+                stride_bn,
+                pad_base,
+                stride_padn,
+                True,
+                True,
+                CAUSAL,
+                HAS_BIAS,
+                HAS_PAD,
+                HEAD_DIM,
+                BLOCK_D,
+                DOT_PREC,
+            )
 
     dq = dq * scale
     dq_ptrs = DQ + b64 * stride_dqb + h64 * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :]
@@ -162,10 +428,34 @@ def _bwd_dq_kernel(
 
 
 @triton.jit
-def _dkdv_step(dk, dv, k, v, q_ptrs, do_ptrs, stat_ptrs, delta_ptrs, dq_ptrs, keep, rows, offs_n, offs_d, qk_scale,
-               scale, seq_q, seq_k, bias_base, stride_bias_m, stride_bias_n,
-               CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-               DOT_PREC: tl.constexpr, FUSE_DQ: tl.constexpr):
+def _dkdv_step(
+    dk,
+    dv,
+    k,
+    v,
+    q_ptrs,
+    do_ptrs,
+    stat_ptrs,
+    delta_ptrs,
+    dq_ptrs,
+    keep,
+    rows,
+    offs_n,
+    offs_d,
+    qk_scale,
+    scale,
+    seq_q,
+    seq_k,
+    bias_base,
+    stride_bias_m,
+    stride_bias_n,
+    CAUSAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    FUSE_DQ: tl.constexpr,
+):
     """Add one query tile's contribution to the resident key tile's dK/dV (computed transposed: [keys, queries]).
 
     FUSE_DQ (deterministic=False): also add this key tile's share of the query tile's dQ, scale * dS K, to the
@@ -177,8 +467,22 @@ def _dkdv_step(dk, dv, k, v, q_ptrs, do_ptrs, stat_ptrs, delta_ptrs, dq_ptrs, ke
     delta = tl.load(delta_ptrs, mask=rows < seq_q, other=0.0)
     s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
     # Keys past seq_k and padded keys are not masked here: their rows of dK/dV are discarded or zeroed at the end.
-    s_t = mask_sequence_scores(s_t, rows[None, :], offs_n[:, None], seq_q, seq_k, bias_base, stride_bias_m,
-                               stride_bias_n, bias_base, 0, CAUSAL, False, HAS_BIAS, False)
+    s_t = mask_sequence_scores(
+        s_t,
+        rows[None, :],
+        offs_n[:, None],
+        seq_q,
+        seq_k,
+        bias_base,
+        stride_bias_m,
+        stride_bias_n,
+        bias_base,
+        0,
+        CAUSAL,
+        False,
+        HAS_BIAS,
+        False,
+    )
     p_t = tl.exp2(s_t - lse2[None, :])
     if FUSE_DQ:  # ...but dQ sums over keys, so there they must contribute exactly 0 (keep: real, unpadded keys)
         p_t = tl.where(keep[:, None], p_t, 0.0)
@@ -194,20 +498,61 @@ def _dkdv_step(dk, dv, k, v, q_ptrs, do_ptrs, stat_ptrs, delta_ptrs, dq_ptrs, ke
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, PAD, BIAS, DOUT, LSE2, DELTA, DK, DV, DQ,
-    stride_qb, stride_qh, stride_qm,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
-    stride_padb, stride_padn,
-    stride_bb, stride_bh, stride_bm, stride_bn,
-    stride_dob, stride_doh, stride_dom,
-    stride_dkb, stride_dkh, stride_dkn,
-    stride_dvb, stride_dvh, stride_dvn,
-    stride_dqb, stride_dqh, stride_dqm,
-    heads_q, heads_kv, group, seq_q, seq_k, qk_scale, scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
-    DOT_PREC: tl.constexpr, FUSE_DQ: tl.constexpr,
+    Q,
+    K,
+    V,
+    PAD,
+    BIAS,
+    DOUT,
+    LSE2,
+    DELTA,
+    DK,
+    DV,
+    DQ,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_padb,
+    stride_padn,
+    stride_bb,
+    stride_bh,
+    stride_bm,
+    stride_bn,
+    stride_dob,
+    stride_doh,
+    stride_dom,
+    stride_dkb,
+    stride_dkh,
+    stride_dkn,
+    stride_dvb,
+    stride_dvh,
+    stride_dvn,
+    stride_dqb,
+    stride_dqh,
+    stride_dqm,
+    heads_q,
+    heads_kv,
+    group,
+    seq_q,
+    seq_k,
+    qk_scale,
+    scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_PAD: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACC: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    FUSE_DQ: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -218,16 +563,29 @@ def _bwd_dkdv_kernel(
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    k = load_rows(K + b64 * stride_kb + kvh.to(tl.int64) * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
-                  offs_n, seq_k, offs_d, HEAD_DIM, BLOCK_D, True)
-    v = load_rows(V + b64 * stride_vb + kvh.to(tl.int64) * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
-                  offs_n, seq_k, offs_d, HEAD_DIM, BLOCK_D, True)
+    k = load_rows(
+        K + b64 * stride_kb + kvh.to(tl.int64) * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+        offs_n,
+        seq_k,
+        offs_d,
+        HEAD_DIM,
+        BLOCK_D,
+        True,
+    )
+    v = load_rows(
+        V + b64 * stride_vb + kvh.to(tl.int64) * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
+        offs_n,
+        seq_k,
+        offs_d,
+        HEAD_DIM,
+        BLOCK_D,
+        True,
+    )
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
     dq_keep = offs_n < seq_k
     if FUSE_DQ and HAS_PAD:
-        dq_keep = dq_keep & (tl.load(PAD + b64 * stride_padb + offs_n * stride_padn, mask=offs_n < seq_k,
-                                     other=0) != 0)
+        dq_keep = dq_keep & (tl.load(PAD + b64 * stride_padb + offs_n * stride_padn, mask=offs_n < seq_k, other=0) != 0)
 
     if CAUSAL:
         # Query i sees key j iff i >= j - (seq_k - seq_q). Tiles before m_lo see no key of this tile; tiles from
@@ -247,30 +605,90 @@ def _bwd_dkdv_kernel(
         stat_base = (b64 * heads_q + h64) * seq_q
         bias_base = BIAS + b64 * stride_bb + h64 * stride_bh
         for start in range(m_lo, m_full, BLOCK_M):
-            dk, dv = _dkdv_step(dk, dv, k, v, q_ptrs + start * stride_qm, do_ptrs + start * stride_dom,
-                                LSE2 + stat_base + start + offs_m, DELTA + stat_base + start + offs_m,
-                                dq_ptrs + start * stride_dqm, dq_keep, start + offs_m, offs_n, offs_d, qk_scale, scale,
-                                seq_q, seq_k, bias_base, stride_bm, stride_bn, True, HAS_BIAS, HEAD_DIM, BLOCK_D,
-                                DOT_PREC, FUSE_DQ)
+            dk, dv = _dkdv_step(
+                dk,
+                dv,
+                k,
+                v,
+                q_ptrs + start * stride_qm,
+                do_ptrs + start * stride_dom,
+                LSE2 + stat_base + start + offs_m,
+                DELTA + stat_base + start + offs_m,
+                dq_ptrs + start * stride_dqm,
+                dq_keep,
+                start + offs_m,
+                offs_n,
+                offs_d,
+                qk_scale,
+                scale,
+                seq_q,
+                seq_k,
+                bias_base,
+                stride_bm,
+                stride_bn,
+                True,
+                HAS_BIAS,
+                HEAD_DIM,
+                BLOCK_D,
+                DOT_PREC,
+                FUSE_DQ,
+            )
         for start in range(m_full, seq_q, BLOCK_M):
-            dk, dv = _dkdv_step(dk, dv, k, v, q_ptrs + start * stride_qm, do_ptrs + start * stride_dom,
-                                LSE2 + stat_base + start + offs_m, DELTA + stat_base + start + offs_m,
-                                dq_ptrs + start * stride_dqm, dq_keep, start + offs_m, offs_n, offs_d, qk_scale, scale,
-                                seq_q, seq_k, bias_base, stride_bm, stride_bn, False, HAS_BIAS, HEAD_DIM, BLOCK_D,
-                                DOT_PREC, FUSE_DQ)
+            dk, dv = _dkdv_step(
+                dk,
+                dv,
+                k,
+                v,
+                q_ptrs + start * stride_qm,
+                do_ptrs + start * stride_dom,
+                LSE2 + stat_base + start + offs_m,
+                DELTA + stat_base + start + offs_m,
+                dq_ptrs + start * stride_dqm,
+                dq_keep,
+                start + offs_m,
+                offs_n,
+                offs_d,
+                qk_scale,
+                scale,
+                seq_q,
+                seq_k,
+                bias_base,
+                stride_bm,
+                stride_bn,
+                False,
+                HAS_BIAS,
+                HEAD_DIM,
+                BLOCK_D,
+                DOT_PREC,
+                FUSE_DQ,
+            )
 
     dk = dk * scale
     if HAS_PAD:  # a padded key is invisible to every query: its gradient is exactly 0
         keep = tl.load(PAD + b64 * stride_padb + offs_n * stride_padn, mask=offs_n < seq_k, other=0)
         dk = tl.where(keep[:, None] != 0, dk, 0.0)
         dv = tl.where(keep[:, None] != 0, dv, 0.0)
-    store_rows(DK + b64 * stride_dkb + kvh.to(tl.int64) * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
-               dk.to(DK.dtype.element_ty), offs_n, seq_k, offs_d, HEAD_DIM, BLOCK_D)
-    store_rows(DV + b64 * stride_dvb + kvh.to(tl.int64) * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
-               dv.to(DV.dtype.element_ty), offs_n, seq_k, offs_d, HEAD_DIM, BLOCK_D)
+    store_rows(
+        DK + b64 * stride_dkb + kvh.to(tl.int64) * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
+        dk.to(DK.dtype.element_ty),
+        offs_n,
+        seq_k,
+        offs_d,
+        HEAD_DIM,
+        BLOCK_D,
+    )
+    store_rows(
+        DV + b64 * stride_dvb + kvh.to(tl.int64) * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
+        dv.to(DV.dtype.element_ty),
+        offs_n,
+        seq_k,
+        offs_d,
+        HEAD_DIM,
+        BLOCK_D,
+    )
 
 
-def configs_for(head_dim: int, dtype: torch.dtype) -> Dict[str, KernelConfig]:
+def configs_for(head_dim: int, dtype: torch.dtype) -> dict[str, KernelConfig]:
     """The backward launch configurations used for this head dim and dtype (for benchmark reports)."""
     return {name: config_for(name, head_dim, dtype) for name in ("bwd_dq", "bwd_dkdv", "bwd_dkdv_fused", "bwd_prefix")}
 
@@ -283,20 +701,53 @@ def preprocess(dout, dlse, out, lse):
     dlse_t = dlse if dlse is not None else lse
     if delta.numel() > 0:
         _bwd_preprocess_kernel[(triton.cdiv(seq_q, _PREPROCESS_BLOCK_M), batch * heads_q)](
-            out, dout, dlse_t, lse, delta, lse2,
-            out.stride(0), out.stride(1), out.stride(2),
-            dout.stride(0), dout.stride(1), dout.stride(2),
-            dlse_t.stride(0), dlse_t.stride(1), dlse_t.stride(2),
-            lse.stride(0), lse.stride(1), lse.stride(2),
-            heads_q, seq_q,
-            HEAD_DIM=head_dim, BLOCK_D=head_dim_block(head_dim), BLOCK_M=_PREPROCESS_BLOCK_M,
-            HAS_DLSE=dlse is not None, ACC=tl_acc(out.dtype), num_warps=4,
+            out,
+            dout,
+            dlse_t,
+            lse,
+            delta,
+            lse2,
+            out.stride(0),
+            out.stride(1),
+            out.stride(2),
+            dout.stride(0),
+            dout.stride(1),
+            dout.stride(2),
+            dlse_t.stride(0),
+            dlse_t.stride(1),
+            dlse_t.stride(2),
+            lse.stride(0),
+            lse.stride(1),
+            lse.stride(2),
+            heads_q,
+            seq_q,
+            HEAD_DIM=head_dim,
+            BLOCK_D=head_dim_block(head_dim),
+            BLOCK_M=_PREPROCESS_BLOCK_M,
+            HAS_DLSE=dlse is not None,
+            ACC=tl_acc(out.dtype),
+            num_warps=4,
         )
     return delta, lse2
 
 
-def _launch_dq(q, k, v, pre: PrefixArgs, key_padding_mask, attn_bias, dout, lse2, delta, dq, causal: bool,
-               scale: float, cfg: KernelConfig, *, add: bool = False):
+def _launch_dq(
+    q,
+    k,
+    v,
+    pre: PrefixArgs,
+    key_padding_mask,
+    attn_bias,
+    dout,
+    lse2,
+    delta,
+    dq,
+    causal: bool,
+    scale: float,
+    cfg: KernelConfig,
+    *,
+    add: bool = False,
+):
     """Launch 2: dQ over the prefix keys and (k, v given) the sequence keys; add: dq += instead of dq =."""
     batch, heads_q, seq_q, head_dim = q.shape
     seq_keys = k is not None
@@ -307,21 +758,61 @@ def _launch_dq(q, k, v, pre: PrefixArgs, key_padding_mask, attn_bias, dout, lse2
     bias = attn_bias if attn_bias is not None else q
     sbb, sbh, sbm, sbn = bias_strides(attn_bias, (batch, heads_q, seq_q, seq_k))
     _bwd_dq_kernel[(triton.cdiv(seq_q, cfg.block_m), batch * heads_q)](
-        q, k, v, pre.k, pre.v, pre.index, pre.lengths, pad, bias, dout, lse2, delta, dq,
-        q.stride(0), q.stride(1), q.stride(2),
+        q,
+        k,
+        v,
+        pre.k,
+        pre.v,
+        pre.index,
+        pre.lengths,
+        pad,
+        bias,
+        dout,
+        lse2,
+        delta,
+        dq,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
         *((k.stride(0), k.stride(1), k.stride(2)) if seq_keys else (0, 0, 0)),
         *((v.stride(0), v.stride(1), v.stride(2)) if seq_keys else (0, 0, 0)),
-        *pre.stride_k, *pre.stride_v,
-        stride_padb, stride_padn,
-        sbb, sbh, sbm, sbn,
-        dout.stride(0), dout.stride(1), dout.stride(2),
-        dq.stride(0), dq.stride(1), dq.stride(2),
-        heads_q, heads_q // heads_kv, seq_q, seq_k, pre.length, scale * LOG2E, scale,
-        HEAD_DIM=head_dim, BLOCK_D=head_dim_block(head_dim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        CAUSAL=causal and seq_keys, HAS_PREFIX=pre.present, POOLED=pre.pooled, HAS_LENGTHS=pre.has_lengths,
-        HAS_PAD=key_padding_mask is not None, HAS_BIAS=attn_bias is not None, ACC=tl_acc(q.dtype),
-        DOT_PREC=dot_precision(q.dtype), SEQ_KEYS=seq_keys, ADD_DQ=add,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        *pre.stride_k,
+        *pre.stride_v,
+        stride_padb,
+        stride_padn,
+        sbb,
+        sbh,
+        sbm,
+        sbn,
+        dout.stride(0),
+        dout.stride(1),
+        dout.stride(2),
+        dq.stride(0),
+        dq.stride(1),
+        dq.stride(2),
+        heads_q,
+        heads_q // heads_kv,
+        seq_q,
+        seq_k,
+        pre.length,
+        scale * LOG2E,
+        scale,
+        HEAD_DIM=head_dim,
+        BLOCK_D=head_dim_block(head_dim),
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        CAUSAL=causal and seq_keys,
+        HAS_PREFIX=pre.present,
+        POOLED=pre.pooled,
+        HAS_LENGTHS=pre.has_lengths,
+        HAS_PAD=key_padding_mask is not None,
+        HAS_BIAS=attn_bias is not None,
+        ACC=tl_acc(q.dtype),
+        DOT_PREC=dot_precision(q.dtype),
+        SEQ_KEYS=seq_keys,
+        ADD_DQ=add,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
 
 
@@ -334,14 +825,48 @@ def prefix_backward(dout, dlse, q, prefix_k, prefix_v, prefix_index, prefix_leng
         return torch.zeros_like(prefix_k), torch.zeros_like(prefix_v)
     delta, lse2 = preprocess(dout, dlse, out, lse)
     head_dim = q.shape[-1]
-    _launch_dq(q, None, None, pre, None, None, dout, lse2, delta, dq, False, scale,
-               config_for("bwd_dq", head_dim, q.dtype), add=True)
-    return _triton_prefix_bwd.prefix_grads(q, dout, lse2, delta, pre, scale, config_for("bwd_prefix", head_dim, q.dtype))
+    _launch_dq(
+        q,
+        None,
+        None,
+        pre,
+        None,
+        None,
+        dout,
+        lse2,
+        delta,
+        dq,
+        False,
+        scale,
+        config_for("bwd_dq", head_dim, q.dtype),
+        add=True,
+    )
+    return _triton_prefix_bwd.prefix_grads(
+        q, dout, lse2, delta, pre, scale, config_for("bwd_prefix", head_dim, q.dtype)
+    )
 
 
-def backward(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, attn_bias,
-             out, lse, causal: bool, scale: float, *, configs: Optional[Dict[str, KernelConfig]] = None,
-             prefix_chunks: Optional[int] = None, deterministic: bool = True):
+def backward(
+    dout,
+    dlse,
+    q,
+    k,
+    v,
+    prefix_k,
+    prefix_v,
+    prefix_index,
+    prefix_lengths,
+    key_padding_mask,
+    attn_bias,
+    out,
+    lse,
+    causal: bool,
+    scale: float,
+    *,
+    configs: dict[str, KernelConfig] | None = None,
+    prefix_chunks: int | None = None,
+    deterministic: bool = True,
+):
     """(dq, dk, dv, dprefix_k, dprefix_v); gradients have the layouts of their inputs (torch.empty_like);
     dprefix_* are None without a prefix. prefix_chunks overrides the prefix-gradient chunk count (tests).
 
@@ -382,28 +907,80 @@ def backward(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengt
     cfg = cfgs["bwd_dkdv_fused" if fuse_dq else "bwd_dkdv"]
     if seq_k > 0:
         _bwd_dkdv_kernel[(triton.cdiv(seq_k, cfg.block_n), batch * heads_kv)](
-            q, k, v, pad, bias, dout, lse2, delta, dk, dv, dq_acc,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            stride_padb, stride_padn,
-            sbb, sbh, sbm, sbn,
-            dout.stride(0), dout.stride(1), dout.stride(2),
-            dk.stride(0), dk.stride(1), dk.stride(2),
-            dv.stride(0), dv.stride(1), dv.stride(2),
-            dq_acc.stride(0), dq_acc.stride(1), dq_acc.stride(2),
-            heads_q, heads_kv, group, seq_q, seq_k, qk_scale, scale,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            CAUSAL=causal, HAS_PAD=key_padding_mask is not None, HAS_BIAS=attn_bias is not None, ACC=acc,
-            DOT_PREC=prec, FUSE_DQ=fuse_dq, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            q,
+            k,
+            v,
+            pad,
+            bias,
+            dout,
+            lse2,
+            delta,
+            dk,
+            dv,
+            dq_acc,
+            q.stride(0),
+            q.stride(1),
+            q.stride(2),
+            k.stride(0),
+            k.stride(1),
+            k.stride(2),
+            v.stride(0),
+            v.stride(1),
+            v.stride(2),
+            stride_padb,
+            stride_padn,
+            sbb,
+            sbh,
+            sbm,
+            sbn,
+            dout.stride(0),
+            dout.stride(1),
+            dout.stride(2),
+            dk.stride(0),
+            dk.stride(1),
+            dk.stride(2),
+            dv.stride(0),
+            dv.stride(1),
+            dv.stride(2),
+            dq_acc.stride(0),
+            dq_acc.stride(1),
+            dq_acc.stride(2),
+            heads_q,
+            heads_kv,
+            group,
+            seq_q,
+            seq_k,
+            qk_scale,
+            scale,
+            HEAD_DIM=head_dim,
+            BLOCK_D=block_d,
+            BLOCK_M=cfg.block_m,
+            BLOCK_N=cfg.block_n,
+            CAUSAL=causal,
+            HAS_PAD=key_padding_mask is not None,
+            HAS_BIAS=attn_bias is not None,
+            ACC=acc,
+            DOT_PREC=prec,
+            FUSE_DQ=fuse_dq,
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
         )
 
     # 4. dK, dV of the prefix (fused: and the prefix keys' share of dQ).
     dpk = dpv = None
     if prefix_k is not None:
         if pre.present:
-            dpk, dpv = _triton_prefix_bwd.prefix_grads(q, dout, lse2, delta, pre, scale, cfgs["bwd_prefix"],
-                                                       chunks=prefix_chunks, dq_acc=dq_acc if fuse_dq else None)
+            dpk, dpv = _triton_prefix_bwd.prefix_grads(
+                q,
+                dout,
+                lse2,
+                delta,
+                pre,
+                scale,
+                cfgs["bwd_prefix"],
+                chunks=prefix_chunks,
+                dq_acc=dq_acc if fuse_dq else None,
+            )
         else:  # P = 0: an empty gradient of the right shape
             dpk, dpv = torch.zeros_like(prefix_k), torch.zeros_like(prefix_v)
     if fuse_dq:

@@ -19,7 +19,6 @@ import contextlib
 import functools
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -59,8 +58,12 @@ _FORCE: dict = {"path": None, "splits": None, "block_n": None, "min_blocks_per_s
 
 
 @contextlib.contextmanager
-def force(path: Optional[str] = None, splits: Optional[int] = None, block_n: Optional[int] = None,
-          min_blocks_per_split: Optional[int] = None):
+def force(
+    path: str | None = None,
+    splits: int | None = None,
+    block_n: int | None = None,
+    min_blocks_per_split: int | None = None,
+):
     """Force the prefix path ("fused" | "cascade"), the split count or the key block size (tests, benchmarks)."""
     if path not in (None, "fused", "cascade"):
         raise ValueError(f"path: expected None, 'fused' or 'cascade', got {path!r}")
@@ -73,7 +76,7 @@ def force(path: Optional[str] = None, splits: Optional[int] = None, block_n: Opt
         _FORCE.update(saved)
 
 
-def unsupported_reason(dtype: torch.dtype, head_dim: int, seqlen_q: int) -> Optional[str]:
+def unsupported_reason(dtype: torch.dtype, head_dim: int, seqlen_q: int) -> str | None:
     """Why the decode kernels cannot serve these shapes, or None."""
     if seqlen_q > MAX_QUERY_LEN:
         return f"the decode kernels serve at most {MAX_QUERY_LEN} query tokens, got Sq={seqlen_q}"
@@ -120,7 +123,7 @@ def triton_next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
@@ -152,8 +155,19 @@ class PathCost:
         return "cascade" if self.cascade_possible and self.cascade_us < CASCADE_MARGIN * self.fused_us else "fused"
 
 
-def prefix_path_cost(*, batch: int, heads_kv: int, group: int, seqlen_q: int, max_keys: int, head_dim: int,
-                     prefix_len: int, pool_size: int, elem_size: int, num_sms: int) -> PathCost:
+def prefix_path_cost(
+    *,
+    batch: int,
+    heads_kv: int,
+    group: int,
+    seqlen_q: int,
+    max_keys: int,
+    head_dim: int,
+    prefix_len: int,
+    pool_size: int,
+    elem_size: int,
+    num_sms: int,
+) -> PathCost:
     """Predicted microseconds of the fused and the cascade path (kernels.md §5.4; vLLM's gate, §1.6).
 
     kv = Hkv * D * elem * 2 bytes per token (K and V). Both paths stream the sequence once from HBM and
@@ -178,16 +192,20 @@ def prefix_path_cost(*, batch: int, heads_kv: int, group: int, seqlen_q: int, ma
     stream_us = (batch * max_keys + n_entries * prefix_len) * kv / HBM_BYTES_PER_US
     retile_us = batch * (m_tiles - 1) * max_keys * kv / L2_REREAD_BYTES_PER_US
     fused_splits = choose_splits(batch * heads_kv * m_tiles, math.ceil((max_keys + prefix_len) / 64), num_sms)
-    fused_us = (stream_us + retile_us + batch * m_tiles * prefix_len * kv / L2_REREAD_BYTES_PER_US
-                + (LAUNCH_US if fused_splits > 1 else 0.0))
+    fused_us = (
+        stream_us
+        + retile_us
+        + batch * m_tiles * prefix_len * kv / L2_REREAD_BYTES_PER_US
+        + (LAUNCH_US if fused_splits > 1 else 0.0)
+    )
 
-    cascade_possible = (prefix_len > 0 and pool_size <= MAX_CASCADE_GROUPS
-                        and batch >= CASCADE_MIN_SEQUENCES * n_entries)
+    cascade_possible = prefix_len > 0 and pool_size <= MAX_CASCADE_GROUPS and batch >= CASCADE_MIN_SEQUENCES * n_entries
     tiles = math.ceil(batch * rows / CASCADE_BLOCK_M) + (n_entries - 1)  # tiles holding rows, all groups
     waves = math.ceil(heads_kv * tiles / (SPLIT_PROGRAMS_PER_SM * num_sms))
     prefix_programs_us = waves * math.ceil(prefix_len / 64) * CASCADE_BLOCK_US
-    cascade_us = (max(stream_us + retile_us, prefix_programs_us) + LAUNCH_US
-                  + (3 * TORCH_OP_US if pool_size > 1 else 0.0))
+    cascade_us = (
+        max(stream_us + retile_us, prefix_programs_us) + LAUNCH_US + (3 * TORCH_OP_US if pool_size > 1 else 0.0)
+    )
     return PathCost(fused_us=fused_us, cascade_us=cascade_us, cascade_possible=cascade_possible)
 
 
@@ -211,8 +229,19 @@ class Plan:
         return self.cascade or self.num_splits > 1
 
 
-def make_plan(*, batch: int, heads_kv: int, group: int, seqlen_q: int, max_keys: int, head_dim: int,
-              prefix_len: int, pool_size: int, dtype: torch.dtype, device: torch.device) -> Plan:
+def make_plan(
+    *,
+    batch: int,
+    heads_kv: int,
+    group: int,
+    seqlen_q: int,
+    max_keys: int,
+    head_dim: int,
+    prefix_len: int,
+    pool_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> Plan:
     config = kernel_config(head_dim, dtype)
     if _FORCE["block_n"]:
         config = Config(block_n=_FORCE["block_n"], num_warps=config.num_warps, num_stages=config.num_stages)
@@ -227,10 +256,18 @@ def make_plan(*, batch: int, heads_kv: int, group: int, seqlen_q: int, max_keys:
         if forced is not None:
             cascade = forced == "cascade"
         else:
-            cost = prefix_path_cost(batch=batch, heads_kv=heads_kv, group=group, seqlen_q=seqlen_q,
-                                    max_keys=max_keys, head_dim=head_dim, prefix_len=prefix_len,
-                                    pool_size=pool_size, elem_size=dtype.itemsize,
-                                    num_sms=num_sms)
+            cost = prefix_path_cost(
+                batch=batch,
+                heads_kv=heads_kv,
+                group=group,
+                seqlen_q=seqlen_q,
+                max_keys=max_keys,
+                head_dim=head_dim,
+                prefix_len=prefix_len,
+                pool_size=pool_size,
+                elem_size=dtype.itemsize,
+                num_sms=num_sms,
+            )
             cascade = cost.path == "cascade"
 
     key_range = max_keys + (0 if cascade else prefix_len)
@@ -239,22 +276,34 @@ def make_plan(*, batch: int, heads_kv: int, group: int, seqlen_q: int, max_keys:
     splits = _FORCE["splits"] or choose_splits(batch * heads_kv * m_tiles, max_blocks, num_sms, min_blocks)
     groups = (pool_size if pool_size > 1 else 1) if cascade else 0
     tiles = math.ceil(batch * rows / CASCADE_BLOCK_M) if cascade else 0
-    return Plan(cascade=cascade, num_splits=splits, block_m=block_m, m_tiles=m_tiles,
-                block_d=max(16, triton_next_pow2(head_dim)), config=config, cascade_groups=groups,
-                cascade_tiles=tiles)
+    return Plan(
+        cascade=cascade,
+        num_splits=splits,
+        block_m=block_m,
+        m_tiles=m_tiles,
+        block_d=max(16, triton_next_pow2(head_dim)),
+        config=config,
+        cascade_groups=groups,
+        cascade_tiles=tiles,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
 # Launch
 
 
-def _prefix_args(prefix_k: Optional[Tensor], prefix_v: Optional[Tensor]):
+def _prefix_args(prefix_k: Tensor | None, prefix_v: Tensor | None):
     """(mode, P, N, strides of prefix_k, strides of prefix_v): mode 0 none, 1 shared, 2 pool."""
     if prefix_k is None or prefix_k.shape[-2] == 0:
         return 0, 0, 0, (0, 0, 0), (0, 0, 0)
     if prefix_k.dim() == 3:
-        return (1, prefix_k.shape[1], 1, (0, prefix_k.stride(0), prefix_k.stride(1)),
-                (0, prefix_v.stride(0), prefix_v.stride(1)))
+        return (
+            1,
+            prefix_k.shape[1],
+            1,
+            (0, prefix_k.stride(0), prefix_k.stride(1)),
+            (0, prefix_v.stride(0), prefix_v.stride(1)),
+        )
     return (2, prefix_k.shape[2], prefix_k.shape[0], prefix_k.stride()[:3], prefix_v.stride()[:3])
 
 
@@ -268,9 +317,28 @@ def _cascade_groups(prefix_index: Tensor, pool_size: int):
     return order.to(torch.int32), starts
 
 
-def _launch(q: Tensor, k: Tensor, v: Tensor, prefix_k, prefix_v, prefix_index, prefix_lengths,
-            key_padding_mask, block_table, seq_lens, causal: bool, scale: float, *,
-            paged: bool, max_keys: int, heads_kv: int, k_strides, v_strides, num_pages: int, page_size: int):
+def _launch(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    prefix_k,
+    prefix_v,
+    prefix_index,
+    prefix_lengths,
+    key_padding_mask,
+    block_table,
+    seq_lens,
+    causal: bool,
+    scale: float,
+    *,
+    paged: bool,
+    max_keys: int,
+    heads_kv: int,
+    k_strides,
+    v_strides,
+    num_pages: int,
+    page_size: int,
+):
     """k_strides / v_strides: (sequence or page, KV head, token) strides of k and v."""
     from . import _decode_kernels as kern
 
@@ -283,12 +351,20 @@ def _launch(q: Tensor, k: Tensor, v: Tensor, prefix_k, prefix_v, prefix_index, p
         return out, lse
 
     mode, plen_max, pool, spk, spv = _prefix_args(prefix_k, prefix_v)
-    plan = make_plan(batch=batch, heads_kv=heads_kv, group=group, seqlen_q=seqlen_q, max_keys=max_keys,
-                     head_dim=head_dim, prefix_len=plen_max, pool_size=pool if mode == 2 else 1,
-                     dtype=q.dtype, device=q.device)
+    plan = make_plan(
+        batch=batch,
+        heads_kv=heads_kv,
+        group=group,
+        seqlen_q=seqlen_q,
+        max_keys=max_keys,
+        head_dim=head_dim,
+        prefix_len=plen_max,
+        pool_size=pool if mode == 2 else 1,
+        dtype=q.dtype,
+        device=q.device,
+    )
     if plan.needs_merge:
-        opart = torch.empty((batch * heads_q * seqlen_q, plan.nslots, head_dim), dtype=torch.float32,
-                            device=q.device)
+        opart = torch.empty((batch * heads_q * seqlen_q, plan.nslots, head_dim), dtype=torch.float32, device=q.device)
         lpart = torch.empty((batch * heads_q * seqlen_q, plan.nslots), dtype=torch.float32, device=q.device)
     else:
         opart = lpart = None
@@ -307,49 +383,154 @@ def _launch(q: Tensor, k: Tensor, v: Tensor, prefix_k, prefix_v, prefix_index, p
     cfg = plan.config
     grid = (cascade_programs + split_programs,)
     kern.decode_kernel[grid](
-        q, k, v, prefix_k if mode else None, prefix_v if mode else None,
-        prefix_index if mode == 2 else None, prefix_lengths if mode else None,
-        kpm, block_table, seq_lens, order, starts, out, lse, opart, lpart,
-        q.stride(0), q.stride(1), q.stride(2),
-        skb, skh, sks, svb, svh, svs,
-        spk[0], spk[1], spk[2], spv[0], spv[1], spv[2],
-        kpm.stride(0) if kpm is not None else 0, kpm.stride(1) if kpm is not None else 0,
+        q,
+        k,
+        v,
+        prefix_k if mode else None,
+        prefix_v if mode else None,
+        prefix_index if mode == 2 else None,
+        prefix_lengths if mode else None,
+        kpm,
+        block_table,
+        seq_lens,
+        order,
+        starts,
+        out,
+        lse,
+        opart,
+        lpart,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        skb,
+        skh,
+        sks,
+        svb,
+        svh,
+        svs,
+        spk[0],
+        spk[1],
+        spk[2],
+        spv[0],
+        spv[1],
+        spv[2],
+        kpm.stride(0) if kpm is not None else 0,
+        kpm.stride(1) if kpm is not None else 0,
         block_table.stride(0) if block_table is not None else 0,
-        out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
-        batch, heads_kv, max_keys, plen_max, max(pool, 1), num_pages, page_size, plan.num_splits, plan.m_tiles,
-        cascade_programs, plan.cascade_tiles, plan.nslots, scale * 1.4426950408889634,
-        G=group, SQ=seqlen_q, HEAD_DIM=head_dim, BLOCK_D=plan.block_d, BLOCK_M=plan.block_m,
-        BLOCK_N=cfg.block_n, CASCADE_BLOCK_M=CASCADE_BLOCK_M, CASCADE_BLOCK_N=cfg.block_n,
-        PAGED=paged, CAUSAL=causal, HAS_KPM=kpm is not None, PREFIX=mode, CASCADE=plan.cascade,
-        HAS_PLEN=prefix_lengths is not None and mode != 0, WRITE_FINAL=not plan.needs_merge,
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        lse.stride(0),
+        lse.stride(1),
+        batch,
+        heads_kv,
+        max_keys,
+        plen_max,
+        max(pool, 1),
+        num_pages,
+        page_size,
+        plan.num_splits,
+        plan.m_tiles,
+        cascade_programs,
+        plan.cascade_tiles,
+        plan.nslots,
+        scale * 1.4426950408889634,
+        G=group,
+        SQ=seqlen_q,
+        HEAD_DIM=head_dim,
+        BLOCK_D=plan.block_d,
+        BLOCK_M=plan.block_m,
+        BLOCK_N=cfg.block_n,
+        CASCADE_BLOCK_M=CASCADE_BLOCK_M,
+        CASCADE_BLOCK_N=cfg.block_n,
+        PAGED=paged,
+        CAUSAL=causal,
+        HAS_KPM=kpm is not None,
+        PREFIX=mode,
+        CASCADE=plan.cascade,
+        HAS_PLEN=prefix_lengths is not None and mode != 0,
+        WRITE_FINAL=not plan.needs_merge,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
     if plan.needs_merge:
         kern.merge_kernel[(batch * heads_q * seqlen_q,)](
-            opart, lpart, prefix_index if mode == 2 else None, out, lse,
-            out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
-            heads_q, max(pool, 1), plan.nslots,
-            SQ=seqlen_q, HEAD_DIM=head_dim, BLOCK_D=plan.block_d, BLOCK_S=max(2, triton_next_pow2(plan.nslots)),
-            POOL_SLOT0=plan.cascade and mode == 2, num_warps=4,
+            opart,
+            lpart,
+            prefix_index if mode == 2 else None,
+            out,
+            lse,
+            out.stride(0),
+            out.stride(1),
+            out.stride(2),
+            lse.stride(0),
+            lse.stride(1),
+            heads_q,
+            max(pool, 1),
+            plan.nslots,
+            SQ=seqlen_q,
+            HEAD_DIM=head_dim,
+            BLOCK_D=plan.block_d,
+            BLOCK_S=max(2, triton_next_pow2(plan.nslots)),
+            POOL_SLOT0=plan.cascade and mode == 2,
+            num_warps=4,
         )
     return out, lse
 
 
-def forward(q: Tensor, k: Tensor, v: Tensor, prefix_k, prefix_v, prefix_index, prefix_lengths,
-            key_padding_mask, causal: bool, scale: float):
+def forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    prefix_k,
+    prefix_v,
+    prefix_index,
+    prefix_lengths,
+    key_padding_mask,
+    causal: bool,
+    scale: float,
+):
     """The contiguous op's decode path: q [B, Hq, Sq, D], k/v [B, Hkv, Sk, D]; same semantics as the reference."""
     reason = unsupported_reason(q.dtype, q.shape[-1], q.shape[2])
     if reason is not None:
         raise ValueError(f"q: {reason}")
     heads_kv, seqlen_k = k.shape[1], k.shape[2]
-    return _launch(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, None, None,
-                   causal, scale, paged=False, max_keys=seqlen_k, heads_kv=heads_kv, k_strides=k.stride()[:3],
-                   v_strides=v.stride()[:3], num_pages=0, page_size=1)
+    return _launch(
+        q,
+        k,
+        v,
+        prefix_k,
+        prefix_v,
+        prefix_index,
+        prefix_lengths,
+        key_padding_mask,
+        None,
+        None,
+        causal,
+        scale,
+        paged=False,
+        max_keys=seqlen_k,
+        heads_kv=heads_kv,
+        k_strides=k.stride()[:3],
+        v_strides=v.stride()[:3],
+        num_pages=0,
+        page_size=1,
+    )
 
 
-def paged_forward(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, seq_lens: Tensor,
-                  prefix_k, prefix_v, prefix_index, prefix_lengths, scale: float):
+def paged_forward(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    block_table: Tensor,
+    seq_lens: Tensor,
+    prefix_k,
+    prefix_v,
+    prefix_index,
+    prefix_lengths,
+    scale: float,
+):
     """Decode over a paged cache: k_cache/v_cache [num_pages, page_size, Hkv, D], block_table [B, max_pages],
     seq_lens [B] (including the Sq new tokens, which are causal bottom-right). Inputs validated by
     prefixattn.paged; bad table entries mask their keys, lengths are clamped to the table."""
@@ -358,8 +539,24 @@ def paged_forward(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tens
         raise ValueError(f"q: {reason}")
     num_pages, page_size, heads_kv = k_cache.shape[0], k_cache.shape[1], k_cache.shape[2]
     max_keys = block_table.shape[1] * page_size
-    return _launch(q, k_cache, v_cache, prefix_k, prefix_v, prefix_index, prefix_lengths, None, block_table,
-                   seq_lens, True, scale, paged=True, max_keys=max_keys, heads_kv=heads_kv,
-                   k_strides=(k_cache.stride(0), k_cache.stride(2), k_cache.stride(1)),
-                   v_strides=(v_cache.stride(0), v_cache.stride(2), v_cache.stride(1)),
-                   num_pages=num_pages, page_size=page_size)
+    return _launch(
+        q,
+        k_cache,
+        v_cache,
+        prefix_k,
+        prefix_v,
+        prefix_index,
+        prefix_lengths,
+        None,
+        block_table,
+        seq_lens,
+        True,
+        scale,
+        paged=True,
+        max_keys=max_keys,
+        heads_kv=heads_kv,
+        k_strides=(k_cache.stride(0), k_cache.stride(2), k_cache.stride(1)),
+        v_strides=(v_cache.stride(0), v_cache.stride(2), v_cache.stride(1)),
+        num_pages=num_pages,
+        page_size=page_size,
+    )

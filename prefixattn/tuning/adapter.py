@@ -6,8 +6,8 @@ size) comes from prefixattn.hf.families for transformers models, or can be writt
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping, Optional
 
 import torch
 from torch import Tensor, nn
@@ -33,8 +33,12 @@ class LocationSpec:
     hidden_size: int
 
     def to_dict(self) -> dict:
-        return {"layers": list(self.layers), "num_kv_heads": self.num_kv_heads, "head_dim": self.head_dim,
-                "hidden_size": self.hidden_size}
+        return {
+            "layers": list(self.layers),
+            "num_kv_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_size": self.hidden_size,
+        }
 
 
 @dataclass(frozen=True)
@@ -47,8 +51,12 @@ class ModelGeometry:
     locations: Mapping[str, LocationSpec] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"model_type": self.model_type, "model_class": self.model_class, "num_layers": self.num_layers,
-                "locations": {k: v.to_dict() for k, v in self.locations.items()}}
+        return {
+            "model_type": self.model_type,
+            "model_class": self.model_class,
+            "num_layers": self.num_layers,
+            "locations": {k: v.to_dict() for k, v in self.locations.items()},
+        }
 
 
 def plan_locations(config: PrefixTuningConfig, geometry: ModelGeometry) -> dict[str, tuple]:
@@ -88,8 +96,7 @@ class PrefixAdapter(nn.Module):
     next to the checkpoint (e.g. where an imported prefix came from).
     """
 
-    def __init__(self, name: str, config: PrefixTuningConfig, geometry: ModelGeometry,
-                 metadata: Optional[dict] = None):
+    def __init__(self, name: str, config: PrefixTuningConfig, geometry: ModelGeometry, metadata: dict | None = None):
         super().__init__()
         self.name = name
         self.config = config
@@ -102,8 +109,7 @@ class PrefixAdapter(nn.Module):
             if config.flat:
                 self.generators[loc] = FlatPrefix(len(rows), spec.num_kv_heads, spec.head_dim, config)
             else:
-                self.generators[loc] = PrefixMLP(len(rows), spec.num_kv_heads, spec.head_dim, spec.hidden_size,
-                                                 config)
+                self.generators[loc] = PrefixMLP(len(rows), spec.num_kv_heads, spec.head_dim, spec.hidden_size, config)
         self.gates = nn.ModuleDict()
         if config.use_gating:
             for loc, rows in self.rows.items():
@@ -117,7 +123,7 @@ class PrefixAdapter(nn.Module):
         spec = self.geometry.locations[location]
         return (len(self.rows[location]), 2, spec.num_kv_heads, self.config.prefix_length, spec.head_dim)
 
-    def gate(self, location: str, layer: int) -> Optional[PrefixGate]:
+    def gate(self, location: str, layer: int) -> PrefixGate | None:
         key = _gate_key(location, layer)
         return self.gates[key] if key in self.gates else None
 
@@ -141,7 +147,8 @@ class PrefixAdapter(nn.Module):
         if missing or extra:
             raise ValueError(
                 f"prefixes for adapter {self.name!r}: expected exactly the locations {sorted(self.rows)}, got "
-                f"{sorted(prefixes)}" + (f" (missing {missing})" if missing else "")
+                f"{sorted(prefixes)}"
+                + (f" (missing {missing})" if missing else "")
                 + (f" (unexpected {extra})" if extra else "")
             )
         for loc, t in prefixes.items():

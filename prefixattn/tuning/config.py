@@ -9,8 +9,9 @@ come first (0..Le-1) and the decoder layers follow (Le..Le+Ld-1), as adapters nu
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 ARCHITECTURE = "prefix_tuning"
 
@@ -71,8 +72,11 @@ class PrefixTuningConfig:
                 f"PrefixTuningConfig.non_linearity: unknown activation {self.non_linearity!r}; "
                 f"expected one of {', '.join(known_activations())}"
             )
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
-                or not 0.0 <= float(self.dropout) < 1.0:
+        if (
+            isinstance(self.dropout, bool)
+            or not isinstance(self.dropout, (int, float))
+            or not 0.0 <= float(self.dropout) < 1.0
+        ):
             raise ValueError(f"PrefixTuningConfig.dropout: expected a float in [0, 1), got {self.dropout!r}")
         leave_out = self.leave_out
         if leave_out is None:
@@ -94,7 +98,7 @@ class PrefixTuningConfig:
     def architecture(self) -> str:
         return ARCHITECTURE
 
-    def replace(self, **changes) -> "PrefixTuningConfig":
+    def replace(self, **changes) -> PrefixTuningConfig:
         """A copy with some fields changed (the config itself is immutable, as in adapters)."""
         return dataclasses.replace(self, **changes)
 
@@ -106,7 +110,7 @@ class PrefixTuningConfig:
         return out
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "PrefixTuningConfig":
+    def from_dict(cls, data: Mapping[str, Any]) -> PrefixTuningConfig:
         if not isinstance(data, Mapping):
             raise TypeError(f"PrefixTuningConfig.from_dict: expected a mapping, got {type(data).__name__}")
         data = dict(data)
@@ -120,7 +124,7 @@ class PrefixTuningConfig:
         return cls(**data)
 
     @classmethod
-    def coerce(cls, config) -> "PrefixTuningConfig":
+    def coerce(cls, config) -> PrefixTuningConfig:
         """Accept a PrefixTuningConfig, a dict of fields, None (defaults), or adapters' preset names."""
         if config is None:
             return cls()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Optional
 
 import torch
 
@@ -21,16 +20,21 @@ FORMAT = "prefixattn.prefix_tuning"
 FORMAT_VERSION = 1
 
 # Files other libraries write, to name them in the error when someone loads one of those directly.
-_FOREIGN = {"adapter_config.json": "a PEFT or adapters checkpoint (use the prefixattn importers)",
-            "adapter_model.safetensors": "a PEFT checkpoint (use the prefixattn importers)",
-            "pytorch_adapter.bin": "an adapters (AdapterHub) checkpoint (use the prefixattn importers)",
-            "adapter.safetensors": "an adapters (AdapterHub) checkpoint (use the prefixattn importers)"}
+_FOREIGN = {
+    "adapter_config.json": "a PEFT or adapters checkpoint (use the prefixattn importers)",
+    "adapter_model.safetensors": "a PEFT checkpoint (use the prefixattn importers)",
+    "pytorch_adapter.bin": "an adapters (AdapterHub) checkpoint (use the prefixattn importers)",
+    "adapter.safetensors": "an adapters (AdapterHub) checkpoint (use the prefixattn importers)",
+}
 
 
 def checkpoint_bytes(directory: str) -> int:
     """Size on disk of a saved adapter (its JSON and safetensors files), in bytes."""
-    return sum(os.path.getsize(os.path.join(directory, f)) for f in (CONFIG_NAME, WEIGHTS_NAME)
-               if os.path.exists(os.path.join(directory, f)))
+    return sum(
+        os.path.getsize(os.path.join(directory, f))
+        for f in (CONFIG_NAME, WEIGHTS_NAME)
+        if os.path.exists(os.path.join(directory, f))
+    )
 
 
 def save_adapter(adapter: PrefixAdapter, directory: str) -> int:
@@ -69,11 +73,15 @@ def _read_json(directory: str) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"load_adapter: {path} is not valid JSON ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ValueError(f"load_adapter: {path} is not a prefixattn adapter config (format "
-                         f"{meta.get('format') if isinstance(meta, dict) else None!r}, expected {FORMAT!r})")
+        raise ValueError(
+            f"load_adapter: {path} is not a prefixattn adapter config (format "
+            f"{meta.get('format') if isinstance(meta, dict) else None!r}, expected {FORMAT!r})"
+        )
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"load_adapter: {path} has format_version {meta.get('format_version')!r}; this prefixattn "
-                         f"reads version {FORMAT_VERSION}")
+        raise ValueError(
+            f"load_adapter: {path} has format_version {meta.get('format_version')!r}; this prefixattn "
+            f"reads version {FORMAT_VERSION}"
+        )
     return meta
 
 
@@ -110,11 +118,13 @@ def _check_geometry(saved: dict, geometry: ModelGeometry, rows: dict) -> None:
                 )
         missing = [layer for layer in layer_ids if layer not in spec.layers]
         if missing:
-            raise ValueError(f"load_adapter: the checkpoint has {loc} prefixes for layer(s) {missing}, which this "
-                             f"{geometry.model_class} does not have (its layers: {list(spec.layers)})")
+            raise ValueError(
+                f"load_adapter: the checkpoint has {loc} prefixes for layer(s) {missing}, which this "
+                f"{geometry.model_class} does not have (its layers: {list(spec.layers)})"
+            )
 
 
-def read_adapter(directory: str, geometry: ModelGeometry, name: Optional[str] = None) -> PrefixAdapter:
+def read_adapter(directory: str, geometry: ModelGeometry, name: str | None = None) -> PrefixAdapter:
     """Build a fully loaded, validated PrefixAdapter from `directory` without touching any model."""
     meta = _read_json(directory)
     try:
@@ -127,8 +137,10 @@ def read_adapter(directory: str, geometry: ModelGeometry, name: Optional[str] = 
     adapter = PrefixAdapter(name or meta.get("name"), config, geometry, metadata=meta.get("metadata") or {})
     planned = {loc: list(r) for loc, r in adapter.rows.items()}
     if planned != rows:
-        raise ValueError(f"load_adapter: the checkpoint's prefixed layers {rows} differ from what its config gives "
-                         f"on this {geometry.model_class}: {planned}")
+        raise ValueError(
+            f"load_adapter: the checkpoint's prefixed layers {rows} differ from what its config gives "
+            f"on this {geometry.model_class}: {planned}"
+        )
     return load_checked_state(adapter, tensors, who="load_adapter", model=geometry.model_class)
 
 
@@ -138,13 +150,17 @@ def load_checked_state(adapter: PrefixAdapter, state: dict, *, who: str, model: 
     expected = adapter.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"{who}: the checkpoint's tensors do not match its config on this {model} (missing "
-                         f"{missing}, unexpected {unexpected})")
+        raise ValueError(
+            f"{who}: the checkpoint's tensors do not match its config on this {model} (missing "
+            f"{missing}, unexpected {unexpected})"
+        )
     for key, want in expected.items():
         got = state[key]
         if tuple(got.shape) != tuple(want.shape):
-            raise ValueError(f"{who}: tensor {key!r} has shape {list(got.shape)} in the checkpoint, expected "
-                             f"{list(want.shape)} for this {model}{origin}")
+            raise ValueError(
+                f"{who}: tensor {key!r} has shape {list(got.shape)} in the checkpoint, expected "
+                f"{list(want.shape)} for this {model}{origin}"
+            )
         if not got.is_floating_point():
             raise ValueError(f"{who}: tensor {key!r} has dtype {got.dtype}, expected a floating dtype")
     with torch.no_grad():

@@ -30,8 +30,7 @@ class PrefixMLP(nn.Module):
     P embedding rows (not once per sequence, unlike adapters and PEFT, which expand to the batch first).
     """
 
-    def __init__(self, n_layers: int, num_kv_heads: int, head_dim: int, hidden_size: int,
-                 config: PrefixTuningConfig):
+    def __init__(self, n_layers: int, num_kv_heads: int, head_dim: int, hidden_size: int, config: PrefixTuningConfig):
         super().__init__()
         self.n_layers, self.num_kv_heads, self.head_dim = n_layers, num_kv_heads, head_dim
         self.prefix_length = config.prefix_length
@@ -60,8 +59,9 @@ class PrefixMLP(nn.Module):
 class FlatPrefix(nn.Module):
     """The prefix as a parameter trained directly (flat=True, or the result of eject)."""
 
-    def __init__(self, n_layers: int, num_kv_heads: int, head_dim: int, config: PrefixTuningConfig,
-                 init: Tensor | None = None):
+    def __init__(
+        self, n_layers: int, num_kv_heads: int, head_dim: int, config: PrefixTuningConfig, init: Tensor | None = None
+    ):
         super().__init__()
         shape = (n_layers, 2, num_kv_heads, config.prefix_length, head_dim)
         if init is not None:

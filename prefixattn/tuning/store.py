@@ -15,8 +15,8 @@ Without gradients (generate, eval) the built prefixes are cached and reused unti
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from .adapter import ModelGeometry, PrefixAdapter
 from .config import PrefixTuningConfig
 
-Choice = Union[None, Tensor, Sequence[Union[str, int, None]]]
+Choice = None | Tensor | Sequence[str | int | None]
 
 
 @dataclass
@@ -39,9 +39,9 @@ class LocationPrefix:
     """
 
     row_of: Mapping[int, int]
-    shared: Optional[Tensor] = None
-    pool: Optional[Tensor] = None
-    lengths: Optional[Tensor] = None
+    shared: Tensor | None = None
+    pool: Tensor | None = None
+    lengths: Tensor | None = None
     has_any: frozenset = frozenset()
 
 
@@ -57,8 +57,14 @@ class PrefixArgs(tuple):
 class ForwardContext:
     """What one forward's attention layers read: the active adapters' prefixes and the per-sequence choice."""
 
-    def __init__(self, store: "PrefixStore", active: tuple, choice: Optional[Tensor],
-                 locations: Mapping[str, LocationPrefix], dtype: torch.dtype):
+    def __init__(
+        self,
+        store: PrefixStore,
+        active: tuple,
+        choice: Tensor | None,
+        locations: Mapping[str, LocationPrefix],
+        dtype: torch.dtype,
+    ):
         self.store = store
         self.active = active
         self.choice = choice  # long [n] indices into `active`, -1 = no prefix; None = all use active[0]
@@ -67,7 +73,7 @@ class ForwardContext:
         self._index_by_batch: dict[int, Tensor] = {}
         self.gated = tuple(i for i, a in enumerate(active) if store.adapters[a].config.use_gating)
 
-    def choice_for_batch(self, batch: int) -> Optional[Tensor]:
+    def choice_for_batch(self, batch: int) -> Tensor | None:
         """The choice expanded to this batch: equal length, or repeated per sequence for a multiple
         (generate() repeats each sequence for beams / num_return_sequences with repeat_interleave)."""
         if self.choice is None:
@@ -86,8 +92,15 @@ class ForwardContext:
             self._index_by_batch[batch] = idx
         return self._index_by_batch[batch]
 
-    def layer_prefix(self, location: Optional[str], layer: Optional[int], *, dtype: torch.dtype, batch: int,
-                     hidden_states: Optional[Tensor] = None) -> Optional[PrefixArgs]:
+    def layer_prefix(
+        self,
+        location: str | None,
+        layer: int | None,
+        *,
+        dtype: torch.dtype,
+        batch: int,
+        hidden_states: Tensor | None = None,
+    ) -> PrefixArgs | None:
         """The prefix arguments for one attention call, or None when this layer has no prefix."""
         if location is None or location not in self.locations:
             return None
@@ -157,11 +170,11 @@ class PrefixStore(nn.Module):
         self.backend = backend
         self.deterministic = deterministic
         self._structure_version = 0
-        self._cache: Optional[tuple] = None
-        self._current: Optional[ForwardContext] = None
+        self._cache: tuple | None = None
+        self._current: ForwardContext | None = None
         self._entered: list[int] = []  # entry modules that opened the current context (see prefixattn.hf)
         self.any_gating = False
-        self._choice_override: Optional[Tensor] = None
+        self._choice_override: Tensor | None = None
 
     # -- registry -----------------------------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -182,8 +195,7 @@ class PrefixStore(nn.Module):
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already exists; delete it first or choose another name")
 
-    def add(self, name: str, config: PrefixTuningConfig, *, device=None, metadata: Optional[dict] = None
-            ) -> PrefixAdapter:
+    def add(self, name: str, config: PrefixTuningConfig, *, device=None, metadata: dict | None = None) -> PrefixAdapter:
         self.check_new_name(name)
         adapter = PrefixAdapter(name, config, self.geometry, metadata=metadata)
         if device is not None:
@@ -235,18 +247,22 @@ class PrefixStore(nn.Module):
         self.any_gating = any(a.config.use_gating for a in self.adapters.values())
 
     # -- the per-sequence choice ------------------------------------------------------------------------
-    def resolve_choice(self, choice: Choice, device) -> Optional[Tensor]:
+    def resolve_choice(self, choice: Choice, device) -> Tensor | None:
         """Validate a user's prefix_choice and turn it into long indices into the active list (-1 = none)."""
         if choice is None:
             return None
         active = self.active
         if not active:
-            raise ValueError("prefix_choice: given, but no adapter is active; call "
-                             "model.set_active_adapters([...]) with the adapters to choose from")
+            raise ValueError(
+                "prefix_choice: given, but no adapter is active; call "
+                "model.set_active_adapters([...]) with the adapters to choose from"
+            )
         if isinstance(choice, Tensor):
             if choice.dim() != 1 or choice.dtype not in (torch.int32, torch.int64):
-                raise ValueError(f"prefix_choice: expected an int tensor [batch] of indices into the active adapters "
-                                 f"{active} (-1 = none), got dtype {choice.dtype} shape {list(choice.shape)}")
+                raise ValueError(
+                    f"prefix_choice: expected an int tensor [batch] of indices into the active adapters "
+                    f"{active} (-1 = none), got dtype {choice.dtype} shape {list(choice.shape)}"
+                )
             values = choice
         elif isinstance(choice, (list, tuple)):
             idx = []
@@ -257,8 +273,10 @@ class PrefixStore(nn.Module):
                     if c not in self.adapters:
                         raise ValueError(f"prefix_choice[{pos}]: unknown adapter {c!r}; this model has {self.names()}")
                     if c not in active:
-                        raise ValueError(f"prefix_choice[{pos}]: adapter {c!r} is not active; active adapters are "
-                                         f"{active} (see set_active_adapters)")
+                        raise ValueError(
+                            f"prefix_choice[{pos}]: adapter {c!r} is not active; active adapters are "
+                            f"{active} (see set_active_adapters)"
+                        )
                     idx.append(active.index(c))
                 elif isinstance(c, int) and not isinstance(c, bool):
                     idx.append(c)
@@ -266,14 +284,18 @@ class PrefixStore(nn.Module):
                     raise TypeError(f"prefix_choice[{pos}]: expected an adapter name, an int index or None, got {c!r}")
             values = torch.tensor(idx, dtype=torch.long)
         else:
-            raise TypeError(f"prefix_choice: expected a list of adapter names / indices / None, or an int tensor, "
-                            f"got {type(choice).__name__}")
+            raise TypeError(
+                f"prefix_choice: expected a list of adapter names / indices / None, or an int tensor, "
+                f"got {type(choice).__name__}"
+            )
         if values.numel() == 0:
             raise ValueError("prefix_choice: expected one entry per sequence, got an empty choice")
         lo, hi = int(values.min()), int(values.max())
         if lo < -1 or hi >= len(active):
-            raise ValueError(f"prefix_choice: indices must lie in [-1, {len(active) - 1}] (-1 = no prefix, else an "
-                             f"index into the active adapters {active}); got min {lo}, max {hi}")
+            raise ValueError(
+                f"prefix_choice: indices must lie in [-1, {len(active) - 1}] (-1 = no prefix, else an "
+                f"index into the active adapters {active}); got min {lo}, max {hi}"
+            )
         return values.to(device=device, dtype=torch.long)
 
     @contextlib.contextmanager
@@ -317,8 +339,11 @@ class PrefixStore(nn.Module):
         return True
 
     def _signature(self, active: tuple) -> tuple:
-        return tuple((id(p), p._version, p.data_ptr(), p.dtype, p.device)
-                     for name in active for p in self.adapters[name].parameters())
+        return tuple(
+            (id(p), p._version, p.data_ptr(), p.dtype, p.device)
+            for name in active
+            for p in self.adapters[name].parameters()
+        )
 
     def _locations(self, active: tuple, pool_mode: bool, dtype, device) -> dict[str, LocationPrefix]:
         if not active:
@@ -367,7 +392,10 @@ class PrefixStore(nn.Module):
                     lengths[r][i] = plen
             pool = torch.stack(entries, dim=2).contiguous()  # [L_all, 2, N, Hkv, Pmax, D]
             has_any = frozenset(layer for layer, r in row_of.items() if any(lengths[r]))
-            out[loc] = LocationPrefix(row_of=row_of, pool=pool,
-                                      lengths=torch.tensor(lengths, dtype=torch.int32, device=pool.device),
-                                      has_any=has_any)
+            out[loc] = LocationPrefix(
+                row_of=row_of,
+                pool=pool,
+                lengths=torch.tensor(lengths, dtype=torch.int32, device=pool.device),
+                has_any=has_any,
+            )
         return out

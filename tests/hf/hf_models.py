@@ -9,8 +9,18 @@ VOCAB = 96
 
 
 def _decoder_common(**kw):
-    base = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    base = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     base.update(kw)
     return base
 
@@ -30,22 +40,60 @@ def build(family: str, seed: int = 0, **overrides):
         cfg = tf.MistralConfig(**_decoder_common(**{"head_dim": 16, "sliding_window": None, **overrides}))
         model = tf.MistralForCausalLM(cfg)
     elif family == "gpt2":
-        kw = dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128, resid_pdrop=0.0,
-                  embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        kw = dict(
+            vocab_size=VOCAB,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=128,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
         kw.update(overrides)
         model = tf.GPT2LMHeadModel(tf.GPT2Config(**kw))
     elif family == "bart":
-        kw = dict(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-                  decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=128,
-                  dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, pad_token_id=0, bos_token_id=1,
-                  eos_token_id=2, decoder_start_token_id=1, forced_eos_token_id=None,
-                  init_std=0.25)  # BART's default 0.02 makes prefix effects too small to test
+        kw = dict(
+            vocab_size=VOCAB,
+            d_model=32,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=64,
+            decoder_ffn_dim=64,
+            max_position_embeddings=128,
+            dropout=0.0,
+            attention_dropout=0.0,
+            activation_dropout=0.0,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            decoder_start_token_id=1,
+            forced_eos_token_id=None,
+            init_std=0.25,
+        )  # BART's default 0.02 makes prefix effects too small to test
         kw.update(overrides)
         model = tf.BartForConditionalGeneration(tf.BartConfig(**kw))
     elif family == "t5":
-        kw = dict(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
-                  relative_attention_num_buckets=8, relative_attention_max_distance=16, dropout_rate=0.0,
-                  pad_token_id=0, eos_token_id=2, decoder_start_token_id=0)
+        kw = dict(
+            vocab_size=VOCAB,
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_decoder_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=16,
+            dropout_rate=0.0,
+            pad_token_id=0,
+            eos_token_id=2,
+            decoder_start_token_id=0,
+        )
         kw.update(overrides)
         model = tf.T5ForConditionalGeneration(tf.T5Config(**kw))
     else:
@@ -74,7 +122,8 @@ def batch(family: str, seed: int = 1, b: int = 3, s: int = 7):
         dec = torch.randint(3, VOCAB, (b, 5), generator=g)
         dec_mask = torch.ones(b, 5, dtype=torch.long)
         dec_mask[1, 3:] = 0
-        return dict(input_ids=ids, attention_mask=enc_mask, decoder_input_ids=dec,
-                    decoder_attention_mask=dec_mask), dec_mask.bool()
+        return dict(
+            input_ids=ids, attention_mask=enc_mask, decoder_input_ids=dec, decoder_attention_mask=dec_mask
+        ), dec_mask.bool()
     ids = ids.masked_fill(mask == 0, 0)
     return dict(input_ids=ids, attention_mask=mask), mask.bool()

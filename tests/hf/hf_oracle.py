@@ -19,7 +19,7 @@ _PREFIX_ATTR = "_oracle_prefix"
 def oracle_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     b, hq, sq, d = query.shape
     hkv = key.shape[1]
-    scale = d ** -0.5 if scaling is None else scaling
+    scale = d**-0.5 if scaling is None else scaling
     q, k, v = query.double(), key.double(), value.double()
     bias = torch.zeros(b, 1, sq, k.shape[2], dtype=torch.float64)
     if attention_mask is not None:

@@ -40,9 +40,21 @@ def _kv_shape(model):
     return cfg.encoder_attention_heads, cfg.d_model // cfg.encoder_attention_heads, cfg.d_model
 
 
-def write_adapters_checkpoint(model, directory, *, name="ad", flat=False, leave_out=(), use_gating=False,
-                              shared_gating=True, encoder_prefix=True, cross_prefix=True, safetensors=False,
-                              saved_flat=None, seed=0):
+def write_adapters_checkpoint(
+    model,
+    directory,
+    *,
+    name="ad",
+    flat=False,
+    leave_out=(),
+    use_gating=False,
+    shared_gating=True,
+    encoder_prefix=True,
+    cross_prefix=True,
+    safetensors=False,
+    saved_flat=None,
+    seed=0,
+):
     """Write what adapters 1.3.0's save_adapter writes for a prefix-tuning adapter; returns
     {location: (ordered layers, generator tensors)} and {module path: gate tensors} for the checks."""
     g = torch.Generator().manual_seed(seed)
@@ -50,7 +62,7 @@ def write_adapters_checkpoint(model, directory, *, name="ad", flat=False, leave_
     sites = _sites(model)
     wanted = {"self_prefix": True, "encoder_prefix": encoder_prefix, "cross_prefix": cross_prefix}
     locs = {}
-    for (loc, layer) in sites:
+    for loc, layer in sites:
         if wanted[loc] and layer not in leave_out:
             locs.setdefault(loc, []).append(layer)
     gens = {}
@@ -59,11 +71,13 @@ def write_adapters_checkpoint(model, directory, *, name="ad", flat=False, leave_
         if flat:
             gens[loc] = {"control_trans": torch.randn(P * out, generator=g)}
         else:
-            gens[loc] = {"wte.weight": torch.randn(P, hidden, generator=g),
-                         "control_trans.0.weight": torch.randn(BOTTLENECK, hidden, generator=g) * 0.3,
-                         "control_trans.0.bias": torch.randn(BOTTLENECK, generator=g) * 0.1,
-                         "control_trans.2.weight": torch.randn(out, BOTTLENECK, generator=g) * 0.5,
-                         "control_trans.2.bias": torch.randn(out, generator=g) * 0.1}
+            gens[loc] = {
+                "wte.weight": torch.randn(P, hidden, generator=g),
+                "control_trans.0.weight": torch.randn(BOTTLENECK, hidden, generator=g) * 0.3,
+                "control_trans.0.bias": torch.randn(BOTTLENECK, generator=g) * 0.1,
+                "control_trans.2.weight": torch.randn(out, BOTTLENECK, generator=g) * 0.5,
+                "control_trans.2.bias": torch.randn(out, generator=g) * 0.1,
+            }
     state = {}
     pool_paths = ["model.prefix_tuning"] + [f"{path}.prefix_tuning.pool" for path in sites.values()]
     for pool in pool_paths:  # the pool is a submodule of every prefix-tuning layer: duplicated keys
@@ -75,16 +89,35 @@ def write_adapters_checkpoint(model, directory, *, name="ad", flat=False, leave_
         for (loc, layer), path in sites.items():
             if loc in locs and layer in locs[loc]:
                 k = 1 if shared_gating else 2
-                gates[path] = {"weight": torch.randn(k, hidden, generator=g) * 0.02,
-                               "bias": torch.randn(k, generator=g)}
+                gates[path] = {
+                    "weight": torch.randn(k, hidden, generator=g) * 0.02,
+                    "bias": torch.randn(k, generator=g),
+                }
                 for param, t in gates[path].items():
                     state[f"{path}.prefix_tuning.prefix_gates.{name}.{param}"] = t
-    config = {"architecture": "prefix_tuning", "bottleneck_size": BOTTLENECK, "cross_prefix": cross_prefix,
-              "dropout": 0.0, "encoder_prefix": encoder_prefix, "flat": flat if saved_flat is None else saved_flat,
-              "init_weights_seed": None, "leave_out": list(leave_out), "non_linearity": "tanh", "prefix_length": P,
-              "shared_gating": shared_gating, "use_gating": use_gating}
-    meta = {"config": config, "hidden_size": hidden, "model_class": type(model).__name__, "model_name": "",
-            "model_type": model.config.model_type, "name": name, "version": "adapters.1.3.0"}
+    config = {
+        "architecture": "prefix_tuning",
+        "bottleneck_size": BOTTLENECK,
+        "cross_prefix": cross_prefix,
+        "dropout": 0.0,
+        "encoder_prefix": encoder_prefix,
+        "flat": flat if saved_flat is None else saved_flat,
+        "init_weights_seed": None,
+        "leave_out": list(leave_out),
+        "non_linearity": "tanh",
+        "prefix_length": P,
+        "shared_gating": shared_gating,
+        "use_gating": use_gating,
+    }
+    meta = {
+        "config": config,
+        "hidden_size": hidden,
+        "model_class": type(model).__name__,
+        "model_name": "",
+        "model_type": model.config.model_type,
+        "name": name,
+        "version": "adapters.1.3.0",
+    }
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "adapter_config.json").write_text(json.dumps(meta, indent=2))
     if safetensors:
@@ -119,8 +152,9 @@ def _prepared(family, **overrides):
 @pytest.mark.parametrize("use_gating", [False, True])
 def test_llama_gqa_leave_out(flat, use_gating, tmp_path):
     base = build("llama", num_hidden_layers=3)
-    gens, gates = write_adapters_checkpoint(base, tmp_path / "ck", flat=flat, leave_out=[1], use_gating=use_gating,
-                                            shared_gating=False)
+    gens, gates = write_adapters_checkpoint(
+        base, tmp_path / "ck", flat=flat, leave_out=[1], use_gating=use_gating, shared_gating=False
+    )
     model = copy.deepcopy(base)
     prefixattn.init(model)
     name = prefixattn.load_adapters_prefix(model, str(tmp_path / "ck"), set_active=True)
@@ -132,7 +166,7 @@ def test_llama_gqa_leave_out(flat, use_gating, tmp_path):
         layer = int(path.split(".")[2])
         gate = adapter.gate("self_prefix", layer).linear
         assert torch.equal(gate.weight, params["weight"]) and torch.equal(gate.bias, params["bias"])
-    assert (adapter.gate("self_prefix", 1) is None)
+    assert adapter.gate("self_prefix", 1) is None
     if not use_gating:
         _check_logits_against_oracle(model, base, gens, "llama")
 
@@ -252,19 +286,22 @@ def _corrupt(case, tmp_path):
     return ck
 
 
-@pytest.mark.parametrize("case,error,match", [
-    ("other_model", ValueError, "made for BartForConditionalGeneration"),
-    ("kv_width", ValueError, "expected a vector of"),
-    ("layers", ValueError, "shape"),
-    ("architecture", ValueError, "architecture 'lora'"),
-    ("unknown_field", ValueError, "prefix_mode"),
-    ("truncated", ValueError, "truncated or corrupt"),
-    ("no_weights", FileNotFoundError, "no weights file"),
-    ("bad_gate", ValueError, "gate at 'model.layers.9.self_attn'"),
-    ("disagreeing_copies", ValueError, "disagree"),
-    ("missing_tensor", ValueError, "control_trans.2.bias"),
-    ("peft", ValueError, "load_peft_prefix"),
-])
+@pytest.mark.parametrize(
+    "case,error,match",
+    [
+        ("other_model", ValueError, "made for BartForConditionalGeneration"),
+        ("kv_width", ValueError, "expected a vector of"),
+        ("layers", ValueError, "shape"),
+        ("architecture", ValueError, "architecture 'lora'"),
+        ("unknown_field", ValueError, "prefix_mode"),
+        ("truncated", ValueError, "truncated or corrupt"),
+        ("no_weights", FileNotFoundError, "no weights file"),
+        ("bad_gate", ValueError, "gate at 'model.layers.9.self_attn'"),
+        ("disagreeing_copies", ValueError, "disagree"),
+        ("missing_tensor", ValueError, "control_trans.2.bias"),
+        ("peft", ValueError, "load_peft_prefix"),
+    ],
+)
 def test_bad_checkpoints_fail_clearly_and_change_nothing(case, error, match, tmp_path):
     ck = _corrupt(case, tmp_path)
     model = _prepared("llama")

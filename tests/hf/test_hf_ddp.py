@@ -33,12 +33,13 @@ def _worker(rank, world, init_file, tests_dir, out_path):
     sys.path.insert(0, tests_dir)
     torch.set_num_threads(1)
     # A file rendezvous: no TCP port that another process on the machine could take meanwhile.
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
+    )
     try:
         model, kw = _model_and_batch()
         ddp = torch.nn.parallel.DistributedDataParallel(model)
-        half = {k: v[rank * 2:(rank + 1) * 2] for k, v in kw.items()}
+        half = {k: v[rank * 2 : (rank + 1) * 2] for k, v in kw.items()}
         # every token counts once in the mean over the full batch: scale by this rank's share of the tokens
         n_all = (kw["labels"][:, 1:] != -100).sum()
         n_here = (half["labels"][:, 1:] != -100).sum()
@@ -61,8 +62,9 @@ def test_ddp_gloo_prefix_gradients_match_one_process(tmp_path):
     tests_dir = os.path.dirname(__file__)
     out = str(tmp_path / "grads.pt")
     # spawn, not fork: a forked child inherits the parent's thread pools and locks, and hung now and then.
-    procs = mp.start_processes(_worker, args=(2, str(tmp_path / "rendezvous"), tests_dir, out), nprocs=2,
-                               join=False, start_method="spawn")
+    procs = mp.start_processes(
+        _worker, args=(2, str(tmp_path / "rendezvous"), tests_dir, out), nprocs=2, join=False, start_method="spawn"
+    )
     start = time.monotonic()
     while not procs.join(timeout=1.0):
         if time.monotonic() - start > DEADLINE_S:

@@ -20,21 +20,29 @@ def _prepared(family="llama"):
 
 def _snapshot(model):
     store = get_store(model)
-    return (store.names(), list(store.active), {k: v.clone() for k, v in model.state_dict().items()},
-            [p.requires_grad for p in model.parameters()], model.training)
+    return (
+        store.names(),
+        list(store.active),
+        {k: v.clone() for k, v in model.state_dict().items()},
+        [p.requires_grad for p in model.parameters()],
+        model.training,
+    )
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(prefix_length=-3), "prefix_length: expected a positive int"),
-    (dict(prefix_length=0), "prefix_length: expected a positive int"),
-    (dict(prefix_length=2.5), "prefix_length: expected an int"),
-    (dict(bottleneck_size=0), "bottleneck_size"),
-    (dict(non_linearity="swishy"), "non_linearity: unknown activation 'swishy'"),
-    (dict(dropout=1.0), "dropout"),
-    (dict(leave_out=[-1]), "leave_out"),
-    (dict(leave_out="0"), "leave_out"),
-    (dict(flat="yes"), "flat: expected a bool"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(prefix_length=-3), "prefix_length: expected a positive int"),
+        (dict(prefix_length=0), "prefix_length: expected a positive int"),
+        (dict(prefix_length=2.5), "prefix_length: expected an int"),
+        (dict(bottleneck_size=0), "bottleneck_size"),
+        (dict(non_linearity="swishy"), "non_linearity: unknown activation 'swishy'"),
+        (dict(dropout=1.0), "dropout"),
+        (dict(leave_out=[-1]), "leave_out"),
+        (dict(leave_out="0"), "leave_out"),
+        (dict(flat="yes"), "flat: expected a bool"),
+    ],
+)
 def test_config_validation(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         PrefixTuningConfig(**kwargs)
@@ -49,9 +57,18 @@ def test_config_round_trip_and_presets():
     with pytest.raises(ValueError, match="unknown field"):
         PrefixTuningConfig.from_dict({"prefix_len": 3})
     defaults = PrefixTuningConfig()
-    assert (defaults.flat, defaults.prefix_length, defaults.bottleneck_size, defaults.non_linearity, defaults.dropout,
-            defaults.encoder_prefix, defaults.cross_prefix, defaults.leave_out, defaults.use_gating,
-            defaults.shared_gating) == (False, 30, 512, "tanh", 0.0, True, True, (), False, True)
+    assert (
+        defaults.flat,
+        defaults.prefix_length,
+        defaults.bottleneck_size,
+        defaults.non_linearity,
+        defaults.dropout,
+        defaults.encoder_prefix,
+        defaults.cross_prefix,
+        defaults.leave_out,
+        defaults.use_gating,
+        defaults.shared_gating,
+    ) == (False, 30, 512, "tanh", 0.0, True, True, (), False, True)
 
 
 def test_config_that_does_not_fit_the_model():
@@ -79,14 +96,17 @@ def _assert_same(model, snap):
     assert [p.requires_grad for p in model.parameters()] == grads
 
 
-@pytest.mark.parametrize("call", [
-    lambda m, d: m.train_adapter("nope"),
-    lambda m, d: m.set_active_adapters("nope"),
-    lambda m, d: m.set_active_adapters(["a", "nope"]),
-    lambda m, d: m.delete_adapter("nope"),
-    lambda m, d: m.eject_prefix_tuning("nope"),
-    lambda m, d: m.save_adapter(d, "nope"),
-])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda m, d: m.train_adapter("nope"),
+        lambda m, d: m.set_active_adapters("nope"),
+        lambda m, d: m.set_active_adapters(["a", "nope"]),
+        lambda m, d: m.delete_adapter("nope"),
+        lambda m, d: m.eject_prefix_tuning("nope"),
+        lambda m, d: m.save_adapter(d, "nope"),
+    ],
+)
 def test_unknown_adapter_names(call, tmp_path):
     model = _prepared()
     snap = _snapshot(model)
@@ -126,13 +146,16 @@ def test_prefix_choice_errors_are_clear_and_harmless():
 
 
 def test_unsupported_family_leaves_the_model_untouched():
-    cfg = tf.GPTNeoXConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                           intermediate_size=64)
+    cfg = tf.GPTNeoXConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64
+    )
     model = tf.GPTNeoXForCausalLM(cfg)
     impl = model.config._attn_implementation
     hooks = len(model._forward_pre_hooks)
-    with pytest.raises(UnsupportedModelError, match="model type 'gpt_neox' .* is not supported; supported model "
-                                                    "types: bart, gpt2, llama"):
+    with pytest.raises(
+        UnsupportedModelError,
+        match="model type 'gpt_neox' .* is not supported; supported model types: bart, gpt2, llama",
+    ):
         prefixattn.init(model)
     assert model.config._attn_implementation == impl and len(model._forward_pre_hooks) == hooks
     assert "prefix_tuning" not in model._modules and not hasattr(model, "train_adapter")

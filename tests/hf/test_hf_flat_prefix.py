@@ -12,8 +12,12 @@ from prefixattn.hf import get_flat_prefix, get_store, set_flat_prefix
 
 def test_set_flat_prefix_drives_the_model_exactly():
     model = prefixattn.init(build("t5"))
-    model.add_adapter("imp", config=PrefixTuningConfig(flat=True, prefix_length=3, leave_out=[0, 3]),
-                      set_active=True, metadata={"source": "unit test"})
+    model.add_adapter(
+        "imp",
+        config=PrefixTuningConfig(flat=True, prefix_length=3, leave_out=[0, 3]),
+        set_active=True,
+        metadata={"source": "unit test"},
+    )
     adapter = get_store(model).get("imp")
     assert adapter.rows == {"encoder_prefix": (1,), "self_prefix": (2,), "cross_prefix": (2,)}
     torch.manual_seed(5)

@@ -50,11 +50,15 @@ def test_logits_equal_oracle_with_padding(family):
 @pytest.mark.parametrize("family", ENC_DEC)
 @pytest.mark.parametrize("encoder_prefix,cross_prefix", [(True, True), (True, False), (False, True), (False, False)])
 def test_encoder_decoder_locations_follow_config(family, encoder_prefix, cross_prefix):
-    config = PrefixTuningConfig(prefix_length=4, bottleneck_size=16, encoder_prefix=encoder_prefix,
-                                cross_prefix=cross_prefix)
+    config = PrefixTuningConfig(
+        prefix_length=4, bottleneck_size=16, encoder_prefix=encoder_prefix, cross_prefix=cross_prefix
+    )
     model = _prepared(family, config)
-    expected = {"self_prefix"} | ({"encoder_prefix"} if encoder_prefix else set()) | (
-        {"cross_prefix"} if cross_prefix else set())
+    expected = (
+        {"self_prefix"}
+        | ({"encoder_prefix"} if encoder_prefix else set())
+        | ({"cross_prefix"} if cross_prefix else set())
+    )
     adapter = prefixattn.hf.get_store(model).get("a")
     assert set(adapter.rows) == expected
     kw, real = batch(family)
@@ -85,11 +89,14 @@ def test_every_encoder_decoder_location_changes_the_output(family):
     set_impl(model, "prefixattn")
 
 
-@pytest.mark.parametrize("family,window,no_window", [
-    ("mistral", {"sliding_window": 3}, {"sliding_window": None}),
-    # Qwen2: layer 0 full attention, layer 1 sliding (a per-layer-type mask dict)
-    ("qwen2", {"use_sliding_window": True, "sliding_window": 3, "max_window_layers": 1}, {}),
-])
+@pytest.mark.parametrize(
+    "family,window,no_window",
+    [
+        ("mistral", {"sliding_window": 3}, {"sliding_window": None}),
+        # Qwen2: layer 0 full attention, layer 1 sliding (a per-layer-type mask dict)
+        ("qwen2", {"use_sliding_window": True, "sliding_window": 3, "max_window_layers": 1}, {}),
+    ],
+)
 def test_sliding_window_keeps_the_prefix_visible(family, window, no_window):
     """A window shorter than the sequence: the mask falls back to a dense one (attn_bias) and the prefix stays
     visible to every query (the oracle concatenates it with zero bias)."""

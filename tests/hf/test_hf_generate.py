@@ -55,24 +55,35 @@ def _step_loop(model, kw, steps):
 
 def _new_tokens(model, out, kw):
     seq = out.sequences
-    return seq[:, 1:] if model.config.is_encoder_decoder else seq[:, kw["input_ids"].shape[1]:]
+    return seq[:, 1:] if model.config.is_encoder_decoder else seq[:, kw["input_ids"].shape[1] :]
 
 
 SLIDING = {"sliding_window": 3}  # shorter than prompt + generation: sliding caches drop old keys
 
 
-@pytest.mark.parametrize("family,cache,overrides", [
-    ("llama", "dynamic", None), ("llama", "static", None), ("gpt2", "dynamic", None), ("mistral", "static", None),
-    ("mistral", "dynamic", SLIDING), ("mistral", "static", SLIDING),
-    ("t5", "dynamic", None), ("t5", "static", None), ("bart", "dynamic", None), ("bart", "static", None),
-])
+@pytest.mark.parametrize(
+    "family,cache,overrides",
+    [
+        ("llama", "dynamic", None),
+        ("llama", "static", None),
+        ("gpt2", "dynamic", None),
+        ("mistral", "static", None),
+        ("mistral", "dynamic", SLIDING),
+        ("mistral", "static", SLIDING),
+        ("t5", "dynamic", None),
+        ("t5", "static", None),
+        ("bart", "dynamic", None),
+        ("bart", "static", None),
+    ],
+)
 def test_greedy_generate_equals_no_cache_step_loop(family, cache, overrides):
     model = _prepared(family, overrides)
     kw = _prompt(family)
     extra = {"cache_implementation": "static"} if cache == "static" else {}
     with torch.no_grad():
-        out = model.generate(**kw, max_new_tokens=NEW, do_sample=False, output_logits=True,
-                             return_dict_in_generate=True, **extra)
+        out = model.generate(
+            **kw, max_new_tokens=NEW, do_sample=False, output_logits=True, return_dict_in_generate=True, **extra
+        )
     ref_tokens, ref_logits = _step_loop(model, kw, NEW)
     assert torch.equal(_new_tokens(model, out, kw), ref_tokens)
     for got, want in zip(out.logits, ref_logits):
@@ -84,8 +95,7 @@ def test_greedy_generate_equals_no_cache_step_loop(family, cache, overrides):
 def test_sampling_and_beam_search_equal_the_oracle(family, mode):
     model = _prepared(family)
     kw = _prompt(family)
-    args = dict(do_sample=True, top_k=0, temperature=0.7) if mode == "sample" else dict(num_beams=3,
-                                                                                         do_sample=False)
+    args = dict(do_sample=True, top_k=0, temperature=0.7) if mode == "sample" else dict(num_beams=3, do_sample=False)
     results = []
     for impl in ("prefixattn", ORACLE):
         set_impl(model, impl)

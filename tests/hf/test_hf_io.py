@@ -57,8 +57,11 @@ def test_save_load_round_trip_is_exact(family, flat, tmp_path):
 def test_metadata_is_saved_and_loaded(tmp_path):
     model = build("llama")
     prefixattn.init(model)
-    model.add_adapter("a", config=PrefixTuningConfig(prefix_length=3, bottleneck_size=8),
-                      metadata={"source": "test", "position_offset": 0})
+    model.add_adapter(
+        "a",
+        config=PrefixTuningConfig(prefix_length=3, bottleneck_size=8),
+        metadata={"source": "test", "position_offset": 0},
+    )
     model.save_adapter(str(tmp_path), "a")
     other = prefixattn.init(build("llama"))
     other.load_adapter(str(tmp_path))

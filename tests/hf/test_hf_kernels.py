@@ -97,8 +97,9 @@ def test_tiny_llama_through_the_sdpa_backend():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter test is for CPU runs")
-@pytest.mark.parametrize("family,overrides", [("gpt2", {"n_embd": 64}), ("bart", {"d_model": 64}),
-                                              ("qwen3", {"hidden_size": 64})])
+@pytest.mark.parametrize(
+    "family,overrides", [("gpt2", {"n_embd": 64}), ("bart", {"d_model": 64}), ("qwen3", {"hidden_size": 64})]
+)
 def test_more_families_through_the_sdpa_backend(family, overrides):
     """GPT-2, BART (encoder, decoder and cross-attention prefixes) and Qwen3 (explicit head_dim) on backend
     "sdpa": the same logits as the reference backend, for an unpadded batch."""
@@ -164,10 +165,14 @@ def test_bf16_generate_and_mixed_prefixes_on_gpu(family):
         model = _gpu_model(family, b).eval()
         model.set_active_adapters(["a", "b"])
         with torch.no_grad():
-            logits = model(**kw, prefix_choice=["a", None, "b"], **(
-                {"decoder_input_ids": kw["input_ids"][:, :3]} if family == "t5" else {})).logits
-            gen = model.generate(**kw, max_new_tokens=4, do_sample=False, prefix_choice=["a", None, "b"],
-                                 return_dict_in_generate=True)
+            logits = model(
+                **kw,
+                prefix_choice=["a", None, "b"],
+                **({"decoder_input_ids": kw["input_ids"][:, :3]} if family == "t5" else {}),
+            ).logits
+            gen = model.generate(
+                **kw, max_new_tokens=4, do_sample=False, prefix_choice=["a", None, "b"], return_dict_in_generate=True
+            )
         cache = gen["cache"] if "cache" in gen else gen["past_key_values"]
         if family == "llama":
             assert cache.get_seq_length() == gen.sequences.shape[1] - 1  # no prefix in the cache

@@ -15,13 +15,14 @@ def _prepared(family, gating=False):
     model = build(family)
     prefixattn.init(model)
     model.add_adapter("a", config=PrefixTuningConfig(prefix_length=4, bottleneck_size=16))
-    model.add_adapter("b", config=PrefixTuningConfig(prefix_length=6, bottleneck_size=16, leave_out=[1],
-                                                     use_gating=gating, flat=True))
+    model.add_adapter(
+        "b", config=PrefixTuningConfig(prefix_length=6, bottleneck_size=16, leave_out=[1], use_gating=gating, flat=True)
+    )
     return model
 
 
 def _rows(kw, i):
-    return {k: v[i:i + 1] for k, v in kw.items()}
+    return {k: v[i : i + 1] for k, v in kw.items()}
 
 
 CHOICE = ["a", None, "b"]

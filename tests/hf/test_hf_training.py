@@ -87,7 +87,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(family):
             enable()
         calls = []
         next(m for m in model.modules() if hf_attention.SITE_ATTR in m.__dict__).register_forward_pre_hook(
-            lambda *a: calls.append(1))
+            lambda *a: calls.append(1)
+        )
         kw, _ = batch(family)
         _loss(model, family, kw).backward()
         assert len(calls) == (2 if checkpointing else 1)  # the layer really was recomputed in backward

@@ -109,7 +109,7 @@ def test_rope_keys_rotated_by_minus_p_values_unchanged(tmp_path):
     theta = 1.0 / (base.config.rope_parameters["rope_theta"] ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
     ang = torch.cat([theta, theta]) * -P
     k = a[:, 0].double()
-    rot = k * ang.cos() + torch.cat([-k[..., d // 2:], k[..., : d // 2]], -1) * ang.sin()
+    rot = k * ang.cos() + torch.cat([-k[..., d // 2 :], k[..., : d // 2]], -1) * ang.sin()
     assert torch.allclose(b[:, 0].double(), rot, atol=1e-6)
     assert get_store(conv).get("imp").metadata["positions"] == "peft"
 
@@ -175,8 +175,9 @@ def test_generate_matches_step_by_step_peft(family, tmp_path):
     kw = {k: kw[k] for k in ("input_ids", "attention_mask")}
     steps = 5
     want, want_logits = _greedy_peft(pm, kw, steps)
-    gen = dict(max_new_tokens=steps, min_new_tokens=steps, do_sample=False, output_logits=True,
-               return_dict_in_generate=True)
+    gen = dict(
+        max_new_tokens=steps, min_new_tokens=steps, do_sample=False, output_logits=True, return_dict_in_generate=True
+    )
     with torch.no_grad():
         got = model.generate(**kw, **gen)
         plain = base.generate(**kw, **gen)
@@ -191,9 +192,16 @@ def _peft_from(base, path):
     return peft.PeftModel.from_pretrained(copy.deepcopy(base), path).eval()
 
 
-@pytest.mark.parametrize("family,overrides", [("llama", {}), ("mistral", {}), ("gpt2", {}),
-                                              ("bart", {"encoder_layers": 3, "decoder_layers": 3}),
-                                              ("t5", {"num_layers": 3, "num_decoder_layers": 3})])
+@pytest.mark.parametrize(
+    "family,overrides",
+    [
+        ("llama", {}),
+        ("mistral", {}),
+        ("gpt2", {}),
+        ("bart", {"encoder_layers": 3, "decoder_layers": 3}),
+        ("t5", {"num_layers": 3, "num_decoder_layers": 3}),
+    ],
+)
 def test_export_loads_in_peft_with_the_same_logits(family, overrides, tmp_path):
     base = build(family, **overrides)
     model = copy.deepcopy(base)
@@ -237,14 +245,17 @@ def test_export_even_seq2seq_from_peft_import_works(tmp_path):
     assert _max_diff(_logits(_peft_from(base, str(tmp_path / "back")), kw), _logits(pm, kw), real) <= TOL
 
 
-@pytest.mark.parametrize("case,match", [
-    ("gpt2_no_offset", "learned absolute positions"),
-    ("gating", "gating"),
-    ("leave_out", "leaves out layers"),
-    ("bart_encoder_prefix", "encoder_prefix"),
-    ("bart_even_layers", "same prefix"),
-    ("bad_positions", "positions"),
-])
+@pytest.mark.parametrize(
+    "case,match",
+    [
+        ("gpt2_no_offset", "learned absolute positions"),
+        ("gating", "gating"),
+        ("leave_out", "leaves out layers"),
+        ("bart_encoder_prefix", "encoder_prefix"),
+        ("bart_even_layers", "same prefix"),
+        ("bad_positions", "positions"),
+    ],
+)
 def test_export_refuses_what_peft_cannot_hold(case, match, tmp_path):
     family = "gpt2" if case.startswith("gpt2") else "bart" if case.startswith("bart") else "llama"
     model = build(family)
@@ -299,18 +310,21 @@ def _bad_checkpoint(case, tmp_path):
     return str(tmp_path / "c")
 
 
-@pytest.mark.parametrize("case,error,match", [
-    ("lora", ValueError, "peft_type 'LORA'"),
-    ("layers", ValueError, "num_layers=3"),
-    ("kv_width", ValueError, "num_attention_heads=4"),
-    ("seq2seq", ValueError, "num_transformer_submodules=2"),
-    ("truncated", ValueError, "truncated or corrupt"),
-    ("no_weights", FileNotFoundError, "no weights file"),
-    ("no_config", FileNotFoundError, "no adapter_config.json"),
-    ("bad_json", ValueError, "not valid JSON"),
-    ("shape", ValueError, "prompt_embeddings has shape"),
-    ("missing_dir", FileNotFoundError, "not a directory"),
-])
+@pytest.mark.parametrize(
+    "case,error,match",
+    [
+        ("lora", ValueError, "peft_type 'LORA'"),
+        ("layers", ValueError, "num_layers=3"),
+        ("kv_width", ValueError, "num_attention_heads=4"),
+        ("seq2seq", ValueError, "num_transformer_submodules=2"),
+        ("truncated", ValueError, "truncated or corrupt"),
+        ("no_weights", FileNotFoundError, "no weights file"),
+        ("no_config", FileNotFoundError, "no adapter_config.json"),
+        ("bad_json", ValueError, "not valid JSON"),
+        ("shape", ValueError, "prompt_embeddings has shape"),
+        ("missing_dir", FileNotFoundError, "not a directory"),
+    ],
+)
 def test_bad_checkpoints_fail_clearly_and_change_nothing(case, error, match, tmp_path):
     path = _bad_checkpoint(case, tmp_path)
     model = build("llama")
@@ -366,8 +380,11 @@ def _logits_choice(model, kw, choice):
 def test_t5_peft_frame_needs_a_single_adapter(tmp_path):
     base, pm, path = _saved_peft(tmp_path, "t5")
     model = _imported(base, path)
-    model.add_adapter("plain", config=PrefixTuningConfig(prefix_length=2, bottleneck_size=8, encoder_prefix=False,
-                                                         cross_prefix=False), metadata={"position_offset": P})
+    model.add_adapter(
+        "plain",
+        config=PrefixTuningConfig(prefix_length=2, bottleneck_size=8, encoder_prefix=False, cross_prefix=False),
+        metadata={"position_offset": P},
+    )
     model.set_active_adapters(["imp", "plain"])
     kw, _ = batch("t5")
     with pytest.raises(ValueError, match="single active adapter"):
@@ -399,14 +416,17 @@ def test_import_on_gpu_kernels_matches_peft(family, tmp_path):
     assert _max_diff(out, ref, real) <= 2e-3  # fp32 on the kernels (TF32-free tolerance of tests/helpers.py)
 
 
-@pytest.mark.parametrize("family,offset,match", [("llama", 3, "no position offset"), ("gpt2", -1, "non-negative"),
-                                                  ("gpt2", "3", "non-negative")])
+@pytest.mark.parametrize(
+    "family,offset,match",
+    [("llama", 3, "no position offset"), ("gpt2", -1, "non-negative"), ("gpt2", "3", "non-negative")],
+)
 def test_position_offset_metadata_is_checked(family, offset, match):
     model = build(family)
     prefixattn.init(model)
     with pytest.raises(ValueError, match=match):
-        model.add_adapter("a", config=PrefixTuningConfig(prefix_length=2, bottleneck_size=8),
-                          metadata={"position_offset": offset})
+        model.add_adapter(
+            "a", config=PrefixTuningConfig(prefix_length=2, bottleneck_size=8), metadata={"position_offset": offset}
+        )
     assert get_store(model).names() == []
 
 
