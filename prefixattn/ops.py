@@ -249,8 +249,9 @@ def prefix_attention(
     keys j <= i + (Sk - Sq). key_padding_mask [B, Sk] bool, True = real token (sequence keys only).
     Returns out [B, Hq, Sq, D] in q's dtype, and lse [B, Hq, Sq] float32 (natural log) if return_lse.
 
-    Extensions beyond DESIGN.md §2: attn_bias (float, broadcastable to [B, Hq, Sq, Sk], added to the
-    scaled scores of sequence keys only; -inf masks) and dropout_p (backend "torch" only).
+    Extensions beyond the core semantics (docs/design.md, "Semantics"): attn_bias (float, broadcastable to
+    [B, Hq, Sq, Sk], added to the scaled scores of sequence keys only; -inf masks) and dropout_p (backend
+    "torch" only).
 
     deterministic (default True): the backward gives bitwise identical gradients run to run. False selects
     a Triton backward that accumulates dq with fp32 atomics instead of recomputing it, so the order of its

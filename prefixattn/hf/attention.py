@@ -2,7 +2,7 @@
 
 Registered in transformers' AttentionInterface and AttentionMaskInterface under the name "prefixattn"
 (a name free of "flash", "sdpa", "flex_attention" and "org/repo" patterns, which transformers treats
-specially; research/transformers_iface.md P5).
+specially; docs/design.md, "transformers' attention interface").
 
 Masks. The mask function returns a LightMask (2-D key padding + query offset + causal flag) whenever the
 mask is plain causal or bidirectional, so padding reaches the kernel as key_padding_mask [B, Sk] and no
@@ -36,7 +36,7 @@ class LightMask:
     padding: bool [B, kv_length] (True = real token) or None; q_offset: position of the first query in the
     keys (an int); causal: causal over the sequence keys.
     `ndim` lets transformers feed a prepared mask back into its mask code (generate() builds the mask in
-    advance for compileable caches and passes it as attention_mask, P3); the mask function then returns
+    advance for compileable caches and passes it as attention_mask); the mask function then returns
     it unchanged.
     """
 
@@ -141,7 +141,7 @@ def _translate_mask(module, query: Tensor, key: Tensor, value: Tensor, attention
         causal = lm.causal
         if causal:
             # A StaticCache hands over all max_cache_len slots; the ones after the current tokens are empty.
-            # Cropping to q_offset + Sq makes the op's bottom-right causal alignment exact (P2).
+            # Cropping to q_offset + Sq makes the op's bottom-right causal alignment exact.
             keep = min(keep, lm.q_offset + sq)
         if lm.padding is not None:
             kpm = lm.padding[:, :keep]
@@ -241,7 +241,7 @@ def store_context(store, query: Tensor):
 def register() -> None:
     """Register "prefixattn" with transformers (idempotent; class-level, so every model instance sees it)."""
     AttentionInterface.register(NAME, prefixattn_attention)
-    AttentionMaskInterface.register(NAME, prefixattn_mask)  # .register, not item assignment (P1)
+    AttentionMaskInterface.register(NAME, prefixattn_mask)  # .register: item assignment is not seen by the mask code
 
 
 register()
