@@ -1,6 +1,6 @@
 """prefixattn: fused attention over a shared prefix buffer, for prefix tuning on GPUs."""
 
-from .module import PrefixAttention
+from .attention_module import PrefixAttention
 from .ops import prefix_attention
 from .paged import prefix_attention_paged
 from .reference import prefix_attention_reference
