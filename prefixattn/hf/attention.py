@@ -19,15 +19,10 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import bidirectional_mask_function, causal_mask_function, sdpa_mask
 
 from ..ops import prefix_attention
+from ._keys import CONTEXT_KWARG, HIDDEN_ATTR, SITE_ATTR, STORE_ATTR, T5_BIAS_ATTR
+from .positions import t5_prefix_columns
 
 NAME = "prefixattn"
-# The forward context travels to every attention call through the layer kwargs, which transformers
-# forwards down to the attention function and captures for gradient-checkpointing recomputes.
-CONTEXT_KWARG = "prefixattn_context"
-SITE_ATTR = "_prefixattn_site"  # (location, global layer id), set on each prefixable attention module
-STORE_ATTR = "_prefixattn_store"
-HIDDEN_ATTR = "_prefixattn_hidden"  # the attention input, captured only while a gated adapter exists
-T5_BIAS_ATTR = "_prefixattn_t5_bias_source"  # T5 decoder self-attention: see prefixattn.hf.positions
 
 
 class LightMask:
@@ -206,9 +201,7 @@ def prefixattn_attention(
             batch=query.shape[0],
             hidden_states=module.__dict__.pop(HIDDEN_ATTR, None),
         )
-    if prefix is not None and T5_BIAS_ATTR in module.__dict__:
-        from .positions import t5_prefix_columns  # T5 in PEFT's position frame (prefix columns get a bias)
-
+    if prefix is not None and T5_BIAS_ATTR in module.__dict__:  # T5 in PEFT's position frame: prefix columns get a bias
         key, value, kpm, bias, prefix = t5_prefix_columns(module, store, query, key, value, kpm, bias, prefix)
     pk, pv, pidx, plen = prefix if prefix is not None else (None, None, None, None)
     out = prefix_attention(
