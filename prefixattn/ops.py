@@ -246,7 +246,13 @@ def prefix_attention(
     q [B, Hq, Sq, D]; k, v [B, Hkv, Sk, D] (any strides, last dim contiguous); prefix_k, prefix_v
     [Hkv, P, D] shared by the batch, or a pool [N, Hkv, P, D] with prefix_index [B] (-1 = no prefix)
     and optional prefix_lengths [N]. Query i sees every valid prefix key and, when causal, the sequence
-    keys j <= i + (Sk - Sq). key_padding_mask [B, Sk] bool, True = real token (sequence keys only).
+    keys j <= i + (Sk - Sq): bottom-right aligned, the prefix always on. Sq=2, Sk=4, P=2 (# = attended):
+
+                 prefix  sequence keys
+        query 0:  # #    # # # .
+        query 1:  # #    # # # #
+
+    key_padding_mask [B, Sk] bool, True = real token (sequence keys only).
     Returns out [B, Hq, Sq, D] in q's dtype, and lse [B, Hq, Sq] float32 (natural log) if return_lse.
 
     Extensions beyond the core semantics (docs/design.md, "Semantics"): attn_bias (float, broadcastable to
