@@ -167,6 +167,9 @@ def test_dense_entry(name, case_name):
     ref_out, ref_lse = prefix_attention_reference(*ref_in, **ref_args, return_lse=True)
     tol = TOLERANCE[checked.dtype]
     assert out.shape == ref_out.shape and out.dtype == checked.dtype and lse.shape == ref_lse.shape
+    assert lse.dtype == (torch.float64 if checked.dtype == torch.float64 else torch.float32)
+    if rec.load is not None:  # the layout the backend declares to the custom op's fake implementation
+        assert out.stride() == kernels.get_backend(name).new_out(tensors[0]).stride()
     assert rel_err(out.cpu(), ref_out) <= tol, f"out rel err {rel_err(out.cpu(), ref_out):.3g}"
     assert rel_err(lse.cpu(), ref_lse) <= tol, f"lse rel err {rel_err(lse.cpu(), ref_lse):.3g}"
     if not needs_grad:
@@ -240,6 +243,9 @@ def test_paged_entry(name, case_name):
     out, lse = prefix_attention_paged(*inputs, return_lse=True, backend=name, **kw)
     tol = TOLERANCE[checked.dtype]
     assert out.shape == q.shape and out.dtype == checked.dtype
+    assert lse.dtype == (torch.float64 if checked.dtype == torch.float64 else torch.float32)
+    if kernels.record(name).load is not None:
+        assert out.stride() == kernels.get_backend(name).new_out(inputs[0]).stride()
     assert rel_err(out.cpu(), ref) <= tol and rel_err(lse.cpu(), ref_lse) <= tol
 
 
