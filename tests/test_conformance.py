@@ -33,13 +33,15 @@ class Checked:
     gpu: bool = False  # its cases need a CUDA device (marked gpu)
     head_dim: int | None = None  # replaces the cases' head dim where the kernels take only a few
     deterministic: bool = True  # what the calls pass (sdpa trains only with deterministic=False)
+    gpu_dtype: torch.dtype | None = None  # the dtype where the tests run on a GPU, if not `dtype`
 
 
 # triton in float32: its decode kernels (Sq <= 16) take no float64, and float32 runs both of its routes.
+# On a machine with a GPU every case runs there (conftest only sets TRITON_INTERPRET without one).
 CHECKED = {
     "torch": Checked(torch.float64),
     "triton": Checked(torch.float32),
-    "sdpa": Checked(torch.float64, deterministic=False),
+    "sdpa": Checked(torch.float64, deterministic=False, gpu_dtype=torch.float16),
     "cuda": Checked(torch.float16, gpu=True, head_dim=64),
 }
 
@@ -116,8 +118,10 @@ def test_every_registered_backend_is_checked():
             assert all(callable(getattr(module, n, None)) for n in need), (b.name, need)
 
 
-def _device(checked: Checked) -> torch.device:
-    return torch.device("cuda" if checked.gpu else "cpu")
+def _device_and_dtype(checked: Checked) -> tuple[torch.device, torch.dtype]:
+    if checked.gpu or torch.cuda.is_available():
+        return torch.device("cuda"), checked.gpu_dtype or checked.dtype
+    return torch.device("cpu"), checked.dtype
 
 
 def _case(name: str, checked: Checked) -> Case:
@@ -135,11 +139,11 @@ def _refusal(name: str, reason: str):
 @pytest.mark.parametrize("name", _backend_params("dense"))
 def test_dense_entry(name, case_name):
     checked, rec = CHECKED[name], kernels.record(name)
-    device = _device(checked)
+    device, dtype = _device_and_dtype(checked)
     case = _case(case_name, checked)
     g = torch.Generator().manual_seed(zlib.crc32(case_name.encode()))
     tensors, args = case.make(dtype=torch.float64, requires_grad=False, generator=g)
-    tensors = [None if t is None else t.to(device=device, dtype=checked.dtype) for t in tensors]
+    tensors = [None if t is None else t.to(device=device, dtype=dtype) for t in tensors]
     args = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
     needs_grad = rec.trainable
     if needs_grad:
@@ -165,9 +169,9 @@ def test_dense_entry(name, case_name):
     ref_in = [None if t is None else t.detach().double().cpu().requires_grad_() for t in tensors]
     ref_args = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
     ref_out, ref_lse = prefix_attention_reference(*ref_in, **ref_args, return_lse=True)
-    tol = TOLERANCE[checked.dtype]
-    assert out.shape == ref_out.shape and out.dtype == checked.dtype and lse.shape == ref_lse.shape
-    assert lse.dtype == (torch.float64 if checked.dtype == torch.float64 else torch.float32)
+    tol = TOLERANCE[dtype]
+    assert out.shape == ref_out.shape and out.dtype == dtype and lse.shape == ref_lse.shape
+    assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     if rec.load is not None:  # the layout the backend declares to the custom op's fake implementation
         assert out.stride() == kernels.get_backend(name).new_out(tensors[0]).stride()
     assert rel_err(out.cpu(), ref_out) <= tol, f"out rel err {rel_err(out.cpu(), ref_out):.3g}"
@@ -225,7 +229,7 @@ PAGED_CASES = {
 @pytest.mark.parametrize("name", _backend_params("paged"))
 def test_paged_entry(name, case_name):
     checked = CHECKED[name]
-    device = _device(checked)
+    device, dtype = _device_and_dtype(checked)
     params = dict(PAGED_CASES[case_name], seed=zlib.crc32(case_name.encode()))
     if checked.head_dim is not None:
         params["head_dim"] = checked.head_dim
@@ -233,7 +237,7 @@ def test_paged_entry(name, case_name):
     ref, ref_lse = paged_reference(q, kc, vc, bt, sl, pk, pv, return_lse=True, **kw)
 
     def cast(t):  # .to keeps the strides (interleaved caches, [B, S, H, D] queries)
-        return None if t is None else t.to(device=device, dtype=checked.dtype)
+        return None if t is None else t.to(device=device, dtype=dtype)
 
     inputs = (cast(q), cast(kc), cast(vc), bt.to(device), sl.to(device), cast(pk), cast(pv))
     kw = {k: v.to(device) for k, v in kw.items()}
@@ -241,9 +245,9 @@ def test_paged_entry(name, case_name):
     reason = kernels.unsupported_reason(name, problem, "paged", needs_grad=False)
     assert reason is None, reason  # the matrix holds only calls every paged backend serves
     out, lse = prefix_attention_paged(*inputs, return_lse=True, backend=name, **kw)
-    tol = TOLERANCE[checked.dtype]
-    assert out.shape == q.shape and out.dtype == checked.dtype
-    assert lse.dtype == (torch.float64 if checked.dtype == torch.float64 else torch.float32)
+    tol = TOLERANCE[dtype]
+    assert out.shape == q.shape and out.dtype == dtype
+    assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     if kernels.record(name).load is not None:
         assert out.stride() == kernels.get_backend(name).new_out(inputs[0]).stride()
     assert rel_err(out.cpu(), ref) <= tol and rel_err(lse.cpu(), ref_lse) <= tol
