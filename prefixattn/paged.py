@@ -236,7 +236,7 @@ def paged_reference(
 
 
 # ---------------------------------------------------------------------------------------------------
-# Backends
+# The custom op (which backend runs a call: kernels.choose, kind "paged")
 
 
 @torch.library.custom_op("prefixattn::paged_decode", mutates_args=(), device_types=None)
