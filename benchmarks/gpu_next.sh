@@ -22,7 +22,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 # One line: gpu_check.sh runs the tests step as `bash -c "... pytest $PYTEST_ARGS ..."`, where a newline would
 # end the command. The dry run takes the same step (the GPU tests then collect and skip).
 PYTEST_ARGS="-q -m gpu --maxfail=5 -rfE -p no:cacheprovider tests/test_sdpa_backend.py tests/hf/test_peft_compat.py"
-PYTEST_ARGS+=" tests/test_demo.py tests/test_cuda_backend.py"
+PYTEST_ARGS+=" tests/test_demo.py tests/test_cuda_backend.py tests/test_conformance.py"
 PYTEST_ARGS+=" -k 'not test_cuda_backend or special_cases or forced_split or empty_rows or graph'"
 
 if [ "${1:-}" = "--dry" ]; then

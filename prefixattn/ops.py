@@ -12,7 +12,7 @@ from torch import Tensor
 
 from . import kernels
 from .reference import prefix_attention_reference
-from .validation import Problem, validate
+from .validation import validate
 
 
 @torch.library.custom_op("prefixattn::attention_fwd", mutates_args=(), device_types=None)
@@ -192,36 +192,6 @@ def _needs_grad(*tensors: Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _choose_backend(
-    requested: str,
-    problem: Problem,
-    *,
-    needs_grad: bool,
-    dropout_p: float,
-    bias_needs_grad: bool,
-    deterministic: bool = True,
-) -> str:
-    """Resolve "auto"; refuse (never silently replace) an explicit backend that cannot run this call."""
-    if requested == "torch":
-        return "torch"
-    if requested == "auto":
-        if dropout_p > 0.0 or bias_needs_grad:
-            return "torch"
-        return kernels.auto_backend(problem, needs_grad=needs_grad)
-    if dropout_p > 0.0:
-        raise ValueError(
-            f"dropout_p: backend {requested!r} has no attention dropout; got dropout_p={dropout_p} "
-            f"(use backend='torch' or 'auto')"
-        )
-    if bias_needs_grad:
-        raise ValueError(
-            f"attn_bias: backend {requested!r} does not compute a gradient for attn_bias, but it "
-            f"requires grad (detach it, or use backend='torch')"
-        )
-    kernels.check_backend(requested, problem, needs_grad=needs_grad, deterministic=deterministic)
-    return requested
-
-
 def prefix_attention(
     q: Tensor,
     k: Tensor,
@@ -292,9 +262,10 @@ def prefix_attention(
         raise TypeError(f"deterministic: expected a bool, got {type(deterministic).__name__} {deterministic!r}")
     needs_grad = _needs_grad(q, k, v, prefix_k, prefix_v)
     bias_needs_grad = _needs_grad(attn_bias)
-    chosen = _choose_backend(
+    chosen = kernels.choose(
         backend,
         problem,
+        "dense",
         needs_grad=needs_grad,
         dropout_p=float(dropout_p),
         bias_needs_grad=bias_needs_grad,

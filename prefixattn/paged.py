@@ -236,51 +236,7 @@ def paged_reference(
 
 
 # ---------------------------------------------------------------------------------------------------
-# Backends
-
-
-def _cuda_module():
-    from .kernels import cuda_backend
-
-    return cuda_backend
-
-
-def _unsupported(name: str, problem: PagedProblem, q: Tensor, k_cache: Tensor) -> str | None:
-    """Why backend `name` cannot run this paged problem, or None."""
-    if name == "torch":
-        return None
-    if problem.dtype == torch.float64:
-        return "float64 runs on backend 'torch' only"
-    if name == "triton":
-        reason = kernels.triton_unavailable_reason(problem.device)
-        if reason is not None:
-            return reason
-        from .kernels import triton_decode
-
-        return triton_decode.unsupported_reason(problem.dtype, problem.head_dim, problem.seqlen_q)
-    return _cuda_module().unsupported_reason_paged(q, k_cache)
-
-
-def choose_backend(
-    requested: str, problem: PagedProblem, q: Tensor, k_cache: Tensor, block_table: Tensor, prefix_k: Tensor | None
-) -> str:
-    """Resolve "auto"; refuse (never silently replace) an explicit backend that cannot run this call.
-
-    "auto" takes the CUDA kernels where cuda_backend.preferred_paged (its measured table) says they are
-    faster, else Triton on a GPU, else the reference."""
-    if requested != "auto":
-        reason = _unsupported(requested, problem, q, k_cache)
-        if reason is not None:
-            raise ValueError(f"backend: {requested!r} cannot run this call: {reason}")
-        return requested
-    if problem.device.type != "cuda":
-        return "torch"
-    if _unsupported("cuda", problem, q, k_cache) is None:
-        if _cuda_module().preferred_paged(q, k_cache, block_table, prefix_k):
-            return "cuda"
-    if _unsupported("triton", problem, q, k_cache) is None:
-        return "triton"
-    return "torch"
+# The custom op (which backend runs a call: kernels.choose, kind "paged")
 
 
 @torch.library.custom_op("prefixattn::paged_decode", mutates_args=(), device_types=None)
@@ -297,13 +253,7 @@ def _paged_decode(
     scale: float,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    if backend == "cuda":
-        return _cuda_module().paged_decode(
-            q, k_cache, v_cache, block_table, seq_lens, prefix_k, prefix_v, prefix_index, prefix_lengths, scale
-        )
-    from .kernels import triton_decode
-
-    return triton_decode.paged_forward(
+    return kernels.get_backend(backend).paged_forward(
         q, k_cache, v_cache, block_table, seq_lens, prefix_k, prefix_v, prefix_index, prefix_lengths, scale
     )
 
@@ -313,7 +263,7 @@ def _paged_decode_fake(
     q, k_cache, v_cache, block_table, seq_lens, prefix_k, prefix_v, prefix_index, prefix_lengths, scale, backend
 ):
     b, hq, sq, d = q.shape
-    out = kernels.bshd_empty(q)  # as the decode kernels write it
+    out = kernels.get_backend(backend).new_out(q)  # the layout the backend writes
     return out, q.new_empty((b, hq, sq), dtype=torch.float32)
 
 
@@ -360,7 +310,10 @@ def prefix_attention_paged(
         backend=backend,
         validate_values=validate_values,
     )
-    chosen = choose_backend(backend, problem, q, k_cache, block_table, prefix_k)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k_cache, v_cache, prefix_k, prefix_v)
+    )
+    chosen = kernels.choose(backend, problem, "paged", needs_grad=needs_grad)
     if chosen == "torch":
         return paged_reference(
             q,

@@ -100,3 +100,59 @@ def grads_of(out, tensors, grad_out):
     gs = torch.autograd.grad(out, live, grad_out, allow_unused=True)
     it = iter(gs)
     return [next(it) if t is not None else None for t in tensors]
+
+
+def make_paged(
+    batch=3,
+    heads_q=4,
+    heads_kv=2,
+    seqlen_q=1,
+    head_dim=16,
+    page_size=5,
+    max_pages=6,
+    num_pages=None,
+    seq_lens=None,
+    prefix_len=0,
+    pool=0,
+    lengths=False,
+    interleaved=False,
+    noncontiguous_q=False,
+    device="cpu",
+    seed=0,
+):
+    """A random paged problem in float64 on `device`: pages handed out in a shuffled order, unused table
+    slots -1. Drawn on the device itself, so GPU tests do not spend their time generating on the host."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    num_pages = num_pages or batch * max_pages + 3
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64, device=device)
+
+    if noncontiguous_q:
+        q = rnd(batch, seqlen_q, heads_q, head_dim).transpose(1, 2)
+    else:
+        q = rnd(batch, heads_q, seqlen_q, head_dim)
+    if interleaved:  # engines often keep K and V in one tensor: [num_pages, page_size, 2, Hkv, D]
+        kv = rnd(num_pages, page_size, 2, heads_kv, head_dim)
+        k_cache, v_cache = kv[:, :, 0], kv[:, :, 1]
+    else:
+        k_cache, v_cache = rnd(num_pages, page_size, heads_kv, head_dim), rnd(num_pages, page_size, heads_kv, head_dim)
+    capacity = max_pages * page_size
+    if seq_lens is None:
+        seq_lens = torch.randint(1, capacity + 1, (batch,), generator=g, device=device)
+    seq_lens = torch.as_tensor(seq_lens, dtype=torch.int32, device=device)
+    perm = torch.randperm(num_pages, generator=g, device=device)[: batch * max_pages].view(batch, max_pages)
+    used = torch.arange(max_pages, device=device)[None, :] < ((seq_lens.long() + page_size - 1) // page_size)[:, None]
+    block_table = torch.where(used, perm, torch.full_like(perm, -1)).to(torch.int32)
+    kw = {}
+    pk = pv = None
+    if prefix_len or pool:
+        shape = (pool, heads_kv, prefix_len, head_dim) if pool else (heads_kv, prefix_len, head_dim)
+        pk, pv = rnd(*shape), rnd(*shape)
+        if pool:
+            idx = torch.randint(-1, pool, (batch,), generator=g, device=device)
+            idx[0] = 0
+            kw["prefix_index"] = idx
+            if lengths:
+                kw["prefix_lengths"] = torch.randint(0, prefix_len + 1, (pool,), generator=g, device=device)
+    return (q, k_cache, v_cache, block_table, seq_lens, pk, pv), kw

@@ -306,14 +306,30 @@ def test_gpu_next_dry_run(tmp_path):
     assert train == {"floor", "prefixattn", "prefixattn_sdpa"}
 
 
-def test_decode_nosplit_variant_forces_one_split_and_restores():
+def test_decode_forced_variants_launch_the_plan_they_name(monkeypatch):
+    """variant_nosplit / variant_fused / variant_cascade pass an explicit plan to the decode kernels (no module
+    state): the launch gets that plan, and the result is still the reference's."""
     from prefixattn.kernels import triton_decode
 
     seen = []
-    call = decode._unsplit(lambda: seen.append(triton_decode._FORCE["splits"]))
-    with triton_decode.force(splits=3):
-        call()
-        assert seen == [1] and triton_decode._FORCE["splits"] == 3
+    real = triton_decode.forward
+
+    def spy(*args, plan=None):
+        seen.append(plan)
+        return real(*args, plan=plan)
+
+    monkeypatch.setattr(triton_decode, "forward", spy)
+    q, k, v = torch.randn(2, 4, 1, 16), torch.randn(2, 2, 40, 16), torch.randn(2, 2, 40, 16)
+    pk, pv = torch.randn(2, 5, 16), torch.randn(2, 5, 16)
+    ref = prefixattn.prefix_attention_reference(q, k, v, pk, pv)
+    for force, check in (
+        (dict(splits=1), lambda p: p.num_splits == 1 and not p.needs_merge),
+        (dict(path="cascade", block_n=16), lambda p: p.cascade and p.config.block_n == 16),
+    ):
+        out = decode.forced_decode(q, k, v, pk, pv, **force)()
+        assert check(seen[-1]), seen[-1]
+        assert timing.rel_err(out, ref) < 1e-5
+    assert decode.plan_fields(q, k, pk, path="cascade")["path"] == "cascade"
 
 
 def test_decode_nosplit_variant_is_information_not_target(tmp_path, monkeypatch):
@@ -326,4 +342,5 @@ def test_decode_nosplit_variant_is_information_not_target(tmp_path, monkeypatch)
     records = load(tmp_path / "decode.json")
     rows = [r for r in records if r["kind"] == "decode" and r["method"] == "variant_nosplit"]
     assert rows and all(r["correct"] for r in rows)
+    assert all(r["splits"] == 1 for r in rows)
     assert not any(r["kind"] == "decode_target" and r["method"] == "variant_nosplit" for r in records)

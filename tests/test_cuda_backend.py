@@ -14,7 +14,7 @@ import pytest
 import torch
 from helpers import TOLERANCE, Case, rel_err
 
-from prefixattn import prefix_attention, prefix_attention_reference
+from prefixattn import kernels, prefix_attention, prefix_attention_reference
 from prefixattn.kernels import cuda_backend, cuda_ext
 from prefixattn.validation import validate
 
@@ -174,7 +174,7 @@ def test_backward_is_refused():
 def test_preferred_is_off_until_measured():
     (q, k, v, pk, pv), args = _problem(Case(head_dim=128, seqlen_q=1, heads_q=32, heads_kv=8), torch.bfloat16)
     problem = validate(q, k, v, pk, pv, **args)
-    assert cuda_backend.preferred(problem) is False
+    assert kernels.preferred("cuda", problem, "dense") is False
 
 
 @pytest.mark.parametrize(
@@ -585,14 +585,26 @@ def test_cuda_graph_capture_and_replay(paged_form):
 
 def test_auto_preference_follows_the_measured_table():
     """auto picks CUDA only where the H200 run measured it faster: paged decode, B=1, 384-768 keys, bf16 D=128."""
-    from prefixattn.kernels import cuda_backend
+    from prefixattn.paged import PagedProblem
 
     def paged(batch, pages, plen, dtype=torch.bfloat16, dim=128):
-        q = torch.empty(batch, 32, 1, dim, dtype=dtype)
-        k_cache = torch.empty(64, 16, 8, dim, dtype=dtype)
-        table = torch.empty(batch, pages, dtype=torch.int32)
-        pk = torch.empty(8, plen, dim, dtype=dtype)
-        return cuda_backend.preferred_paged(q, k_cache, table, pk)
+        problem = PagedProblem(
+            batch=batch,
+            heads_q=32,
+            heads_kv=8,
+            seqlen_q=1,
+            head_dim=dim,
+            num_pages=64,
+            page_size=16,
+            max_pages=pages,
+            prefix_len=plen,
+            pool_size=1,
+            pooled=False,
+            dtype=dtype,
+            device=torch.device("cuda"),
+            scale=dim**-0.5,
+        )
+        return kernels.preferred("cuda", problem, "paged")
 
     assert paged(1, 16, 128) and paged(1, 16, 512)  # measured: CUDA 11.3 vs 12.9 us, 14.8 vs 15.7 us
     assert not paged(1, 16, 16)  # measured: Triton faster (11.7 vs 12.3 us)

@@ -1,8 +1,10 @@
 """The Triton decode path (Sq <= 16) of prefix_attention against the float64 reference.
 
-On the CPU the kernels run in Triton's interpreter (fp32 / fp16; bf16 dots are wrong there), with small
-key blocks and forced split counts so every code path (fused and cascade prefix, several splits, empty
-splits, M tiles, pools) runs on tiny shapes. GPU tests (marked) add bf16, realistic shapes and a CUDA graph.
+On the CPU the kernels run in Triton's interpreter (fp32 / fp16; bf16 dots are wrong there), with explicit
+plans (small key blocks, forced prefix paths and split counts) so every code path (fused and cascade prefix,
+several splits, empty splits, M tiles, pools) runs on tiny shapes. GPU tests (marked) add bf16, realistic
+shapes and a CUDA graph. What every backend must do alike (masks, pools, lengths through prefix_attention)
+is in test_conformance.py.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from prefixattn.kernels import triton_decode as td
 
 @pytest.fixture
 def plans(monkeypatch):
-    """Records the plan of every decode launch, so a test can assert which path actually ran."""
+    """Records every plan made (by plan_for and by launches without one), so a test can assert which path ran."""
     seen = []
     original = td.make_plan
 
@@ -32,6 +34,13 @@ def plans(monkeypatch):
     return seen
 
 
+def _decode(q, k, v, pk, pv, *, causal=True, prefix_index=None, prefix_lengths=None, key_padding_mask=None, **force):
+    """triton_decode.forward with a plan made with `force` (prefix path, splits, key block)."""
+    plan = td.plan_for(q, k, pk, **force)
+    scale = q.shape[-1] ** -0.5
+    return td.forward(q, k, v, pk, pv, prefix_index, prefix_lengths, key_padding_mask, causal, scale, plan=plan)
+
+
 def _run(case: Case, dtype, device, *, return_inputs=False, **force):
     (q, k, v, pk, pv), args = case.make(dtype=torch.float64, device=device, requires_grad=False)
     ref, ref_lse = prefixattn.prefix_attention_reference(q, k, v, pk, pv, return_lse=True, **args)
@@ -41,10 +50,7 @@ def _run(case: Case, dtype, device, *, return_inputs=False, **force):
 
     if case.noncontiguous:
         assert not cast(q).is_contiguous() and not cast(k).is_contiguous()
-    with td.force(**force):
-        out, lse = prefixattn.prefix_attention(
-            cast(q), cast(k), cast(v), cast(pk), cast(pv), return_lse=True, backend="triton", **args
-        )
+    out, lse = _decode(cast(q), cast(k), cast(v), cast(pk), cast(pv), **args, **force)
     assert out.shape == ref.shape and out.dtype == dtype
     assert out.transpose(1, 2).is_contiguous(), "out must be [B, Sq, Hq, D] memory viewed as [B, Hq, Sq, D]"
     assert lse.dtype == torch.float32 and lse.shape == ref_lse.shape
@@ -182,10 +188,7 @@ def test_empty_rows_give_zeros_and_minus_inf(path, device):
         key_padding_mask=mask,
         causal=False,
     )
-    with td.force(path=path, splits=2, block_n=16):
-        out, lse = prefixattn.prefix_attention(
-            *(t.to(device) for t in (q, k, v, pk, pv)), return_lse=True, backend="triton", **args
-        )
+    out, lse = _decode(*(t.to(device) for t in (q, k, v, pk, pv)), **args, path=path, splits=2, block_n=16)
     assert torch.all(out[0].cpu() == 0) and torch.all(torch.isneginf(lse[0].cpu()))
     assert rel_err(out.cpu(), ref) <= TOLERANCE[torch.float32] and rel_err(lse.cpu(), ref_lse) <= 1e-5
 
@@ -209,8 +212,8 @@ def test_unchecked_pool_indices_and_lengths_are_clamped(path, device):
         return_lse=True,
     )
     dev = [t.to(device) for t in (q, k, v, pk, pv, bad_idx, bad_len)]
-    with td.force(path=path, block_n=16):
-        out, lse = td.forward(dev[0], dev[1], dev[2], dev[3], dev[4], dev[5], dev[6], None, True, d**-0.5)
+    plan = td.plan_for(dev[0], dev[1], dev[3], path=path, block_n=16)
+    out, lse = td.forward(dev[0], dev[1], dev[2], dev[3], dev[4], dev[5], dev[6], None, True, d**-0.5, plan=plan)
     assert rel_err(out.cpu(), ref) <= TOLERANCE[torch.float32] and rel_err(lse.cpu(), ref_lse) <= 1e-5
 
 
@@ -241,6 +244,23 @@ def test_forward_refuses_what_it_cannot_serve():
             True,
             1.0,
         )
+
+
+def test_a_plan_is_checked_against_the_call():
+    """A plan made for other shapes is refused before any launch; make_plan refuses unknown overrides."""
+    q, k = torch.randn(2, 4, 1, 16), torch.randn(2, 2, 30, 16)
+    pk = torch.randn(2, 5, 16)
+    other = td.plan_for(q, torch.randn(2, 2, 31, 16), pk)
+    with pytest.raises(ValueError, match=r"^plan: expected a plan made for this call's PlanShape\(.*max_keys=30"):
+        td.forward(q, k, k, pk, pk, None, None, None, True, 0.25, plan=other)
+    with pytest.raises(ValueError, match=r"^path: expected None, 'fused' or 'cascade', got 'fast'"):
+        td.plan_for(q, k, pk, path="fast")
+    with pytest.raises(ValueError, match=r"^splits: expected None or a positive int, got 0"):
+        td.plan_for(q, k, pk, splits=0)
+    with pytest.raises(ValueError, match=r"^block_n: expected a power of two"):
+        td.plan_for(q, k, pk, block_n=24)
+    assert td.plan_for(q, k, pk) == td.plan_for(q, k, pk)  # frozen and shape-only: equal plans for equal shapes
+    assert td.plan_for(q, k, None, path="cascade").cascade is False  # a forced path applies with a prefix only
 
 
 def _cost(batch, sk, p, pool=1, sq=1):
@@ -340,8 +360,7 @@ def _gpu_run(
         args["key_padding_mask"] = torch.arange(sk, device="cuda")[None, :] >= (sk - lens)[:, None]
     f64 = [None if t is None else t.double() for t in (q, k, v, pk, pv)]
     ref, ref_lse = prefixattn.prefix_attention_reference(*f64, return_lse=True, **args)
-    with td.force(path=path):
-        out, lse = prefixattn.prefix_attention(q, k, v, pk, pv, return_lse=True, backend="triton", **args)
+    out, lse = _decode(q, k, v, pk, pv, **args, path=path)
     assert out.transpose(1, 2).is_contiguous() and out.dtype == dtype
     tol = TOLERANCE[dtype]
     assert rel_err(out, ref) <= tol and rel_err(lse, ref_lse) <= tol, (rel_err(out, ref), rel_err(lse, ref_lse))
@@ -383,8 +402,7 @@ def test_gpu_cuda_graph_replay_with_new_inputs(pool):
     force = dict(path="cascade") if pool else {}
 
     def step():
-        with td.force(**force):
-            return prefixattn.prefix_attention(*static, return_lse=True, backend="triton", **args)
+        return _decode(*static, **args, **force)
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())

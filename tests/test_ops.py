@@ -95,7 +95,9 @@ def fake_triton(monkeypatch):
     fake = _reference_backend()
     real = kernels.get_backend
     monkeypatch.setattr(kernels, "get_backend", lambda name: fake if name == "triton" else real(name))
-    monkeypatch.setattr(kernels, "unsupported_reason", lambda name, problem, needs_grad, deterministic=True: None)
+    monkeypatch.setattr(
+        kernels, "unsupported_reason", lambda name, problem, kind="dense", *, needs_grad, deterministic=True: None
+    )
     return fake
 
 

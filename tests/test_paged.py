@@ -1,81 +1,37 @@
 """prefix_attention_paged: the paged reference, the Triton kernels against it, and every validation error.
 
-CPU: the kernels run in Triton's interpreter in fp32/fp16 with small blocks and forced splits. GPU tests
-(marked) cover bf16 at realistic shapes, bad tables that were not range-checked, and CUDA-graph replay.
+CPU: the kernels run in Triton's interpreter in fp32/fp16 with explicit plans (small blocks, forced splits).
+GPU tests (marked) cover bf16 at realistic shapes, bad tables that were not range-checked, and CUDA-graph
+replay. The paged entry of every backend against the reference on a shared case list is in test_conformance.py.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from helpers import TOLERANCE, rel_err
+from helpers import TOLERANCE, make_paged, rel_err
 
 from prefixattn import prefix_attention_paged, prefix_attention_reference
 from prefixattn.kernels import triton_decode as td
 from prefixattn.paged import _paged_decode, paged_reference
 
 
-def make_paged(
-    batch=3,
-    heads_q=4,
-    heads_kv=2,
-    seqlen_q=1,
-    head_dim=16,
-    page_size=5,
-    max_pages=6,
-    num_pages=None,
-    seq_lens=None,
-    prefix_len=0,
-    pool=0,
-    lengths=False,
-    interleaved=False,
-    noncontiguous_q=False,
-    device="cpu",
-    seed=0,
-):
-    """A random paged problem in float64 on `device`: pages handed out in a shuffled order, unused table
-    slots -1. Drawn on the device itself, so GPU tests do not spend their time generating on the host."""
-    g = torch.Generator(device=device).manual_seed(seed)
-    num_pages = num_pages or batch * max_pages + 3
-
-    def rnd(*shape):
-        return torch.randn(*shape, generator=g, dtype=torch.float64, device=device)
-
-    if noncontiguous_q:
-        q = rnd(batch, seqlen_q, heads_q, head_dim).transpose(1, 2)
-    else:
-        q = rnd(batch, heads_q, seqlen_q, head_dim)
-    if interleaved:  # engines often keep K and V in one tensor: [num_pages, page_size, 2, Hkv, D]
-        kv = rnd(num_pages, page_size, 2, heads_kv, head_dim)
-        k_cache, v_cache = kv[:, :, 0], kv[:, :, 1]
-    else:
-        k_cache, v_cache = rnd(num_pages, page_size, heads_kv, head_dim), rnd(num_pages, page_size, heads_kv, head_dim)
-    capacity = max_pages * page_size
-    if seq_lens is None:
-        seq_lens = torch.randint(1, capacity + 1, (batch,), generator=g, device=device)
-    seq_lens = torch.as_tensor(seq_lens, dtype=torch.int32, device=device)
-    perm = torch.randperm(num_pages, generator=g, device=device)[: batch * max_pages].view(batch, max_pages)
-    used = torch.arange(max_pages, device=device)[None, :] < ((seq_lens.long() + page_size - 1) // page_size)[:, None]
-    block_table = torch.where(used, perm, torch.full_like(perm, -1)).to(torch.int32)
-    kw = {}
-    pk = pv = None
-    if prefix_len or pool:
-        shape = (pool, heads_kv, prefix_len, head_dim) if pool else (heads_kv, prefix_len, head_dim)
-        pk, pv = rnd(*shape), rnd(*shape)
-        if pool:
-            idx = torch.randint(-1, pool, (batch,), generator=g, device=device)
-            idx[0] = 0
-            kw["prefix_index"] = idx
-            if lengths:
-                kw["prefix_lengths"] = torch.randint(0, prefix_len + 1, (pool,), generator=g, device=device)
-    return (q, k_cache, v_cache, block_table, seq_lens, pk, pv), kw
+def _paged_triton(q, kc, vc, bt, sl, pk, pv, *, prefix_index=None, prefix_lengths=None, **force):
+    """The Triton paged kernels with a plan made with `force` (prefix path, splits, key block)."""
+    plan = td.plan_for_paged(q, kc, bt, pk, **force)
+    scale = q.shape[-1] ** -0.5
+    return td.paged_forward(q, kc, vc, bt, sl, pk, pv, prefix_index, prefix_lengths, scale, plan=plan)
 
 
 def _check(inputs, kw, dtype, *, backend="triton", **force):
+    """Against paged_reference: through prefix_attention_paged, or with `force` the Triton kernels with that plan."""
     q, kc, vc, bt, sl, pk, pv = inputs
     ref, ref_lse = paged_reference(q, kc, vc, bt, sl, pk, pv, return_lse=True, **kw)
     cast = lambda t: None if t is None else t.to(dtype)
-    with td.force(**force):
+    if force:
+        assert backend == "triton"
+        out, lse = _paged_triton(cast(q), cast(kc), cast(vc), bt, sl, cast(pk), cast(pv), **kw, **force)
+    else:
         out, lse = prefix_attention_paged(
             cast(q), cast(kc), cast(vc), bt, sl, cast(pk), cast(pv), return_lse=True, backend=backend, **kw
         )
@@ -248,20 +204,17 @@ def test_unchecked_bad_tables_mask_instead_of_reading_out_of_bounds(path, device
     bt[0, 1], bt[1, 0], bt[2, 1] = 20, -7, 2**30
     sl = torch.tensor([16, 999, -5], dtype=torch.int32, device=device)
     ref, ref_lse = paged_reference(q, kc, vc, bt, sl, pk, pv, return_lse=True)
-    with td.force(path=path, block_n=16, splits=2):
-        out, lse = prefix_attention_paged(
-            q.float(),
-            kc.float(),
-            vc.float(),
-            bt,
-            sl,
-            pk.float(),
-            pv.float(),
-            return_lse=True,
-            backend="triton",
-            validate_values=False,
-        )
+    out, lse = _paged_triton(
+        q.float(), kc.float(), vc.float(), bt, sl, pk.float(), pv.float(), path=path, block_n=16, splits=2
+    )
     assert rel_err(out, ref) <= TOLERANCE[torch.float32] and rel_err(lse, ref_lse) <= TOLERANCE[torch.float32]
+    if path == "fused":  # and through the public entry, which lets such tables through when told not to check
+        f32 = (t.float() for t in (q, kc, vc, pk, pv))
+        q32, kc32, vc32, pk32, pv32 = f32
+        out, lse = prefix_attention_paged(
+            q32, kc32, vc32, bt, sl, pk32, pv32, return_lse=True, backend="triton", validate_values=False
+        )
+        assert rel_err(out, ref) <= TOLERANCE[torch.float32] and rel_err(lse, ref_lse) <= TOLERANCE[torch.float32]
 
 
 def test_custom_op_schema_and_fake():
@@ -402,10 +355,8 @@ def test_device_mismatch_is_named():
         _call(seq_lens=torch.ones(2, dtype=torch.int32, device="meta"))
 
 
-def test_unsupported_dtype_and_head_dim_for_kernels():
-    with pytest.raises(ValueError, match=r"backend: 'triton' cannot run this call: float64 runs on backend 'torch'"):
-        args = _good()
-        prefix_attention_paged(*(t.double() if t.is_floating_point() else t for t in args.values()), backend="triton")
+def test_unsupported_head_dim_for_kernels():
+    """(float64 and the other refusals every backend shares are in test_conformance.py.)"""
     small = dict(
         q=torch.randn(2, 4, 2, 8),
         k_cache=torch.randn(11, 4, 2, 8),
@@ -417,20 +368,22 @@ def test_unsupported_dtype_and_head_dim_for_kernels():
         _call(**small)
 
 
-def test_cuda_backend_hooks_use_the_agreed_signatures(monkeypatch):
-    """backend="cuda" calls cuda_backend.paged_decode(q, k_cache, v_cache, block_table, seq_lens, prefix_k,
-    prefix_v, prefix_index, prefix_lengths, scale); "auto" asks unsupported_reason_paged(q, k_cache) and
-    preferred_paged(q, k_cache, block_table, prefix_k). A stand-in module checks the arguments."""
+def test_backend_hooks_use_the_protocol_signatures(monkeypatch):
+    """backend="cuda" goes through the registry: unsupported_reason_paged(problem, needs_grad=...) of its module,
+    then paged_forward(q, k_cache, v_cache, block_table, seq_lens, prefix_k, prefix_v, prefix_index,
+    prefix_lengths, scale); "auto" on a GPU asks the same refusal hook once the table's auto rule covers the
+    problem. A stand-in module checks the arguments."""
     import types
 
+    import prefixattn.kernels as kernels
     import prefixattn.paged as paged
 
     calls = []
 
-    def paged_decode(
+    def paged_forward(
         q, k_cache, v_cache, block_table, seq_lens, prefix_k, prefix_v, prefix_index, prefix_lengths, scale
     ):
-        calls.append(("paged_decode", scale))
+        calls.append(("paged_forward", scale))
         out, lse = paged_reference(
             q,
             k_cache,
@@ -446,18 +399,15 @@ def test_cuda_backend_hooks_use_the_agreed_signatures(monkeypatch):
         )
         return out.transpose(1, 2).contiguous().transpose(1, 2), lse
 
-    def unsupported_reason_paged(q, k_cache, *, needs_grad=False):
-        calls.append(("unsupported_reason_paged", tuple(q.shape), tuple(k_cache.shape)))
+    def unsupported_reason_paged(problem, *, needs_grad):
+        calls.append(("unsupported_reason_paged", problem.batch, problem.max_pages, problem.prefix_len, needs_grad))
         return None
 
-    def preferred_paged(q, k_cache, block_table, prefix_k=None):
-        calls.append(("preferred_paged", tuple(block_table.shape), None if prefix_k is None else tuple(prefix_k.shape)))
-        return True
-
     fake = types.SimpleNamespace(
-        paged_decode=paged_decode, unsupported_reason_paged=unsupported_reason_paged, preferred_paged=preferred_paged
+        paged_forward=paged_forward, unsupported_reason_paged=unsupported_reason_paged, new_out=kernels.bshd_empty
     )
-    monkeypatch.setattr(paged, "_cuda_module", lambda: fake)
+    real = kernels.get_backend
+    monkeypatch.setattr(kernels, "get_backend", lambda name: fake if name == "cuda" else real(name))
     inputs, kw = make_paged(batch=2, seqlen_q=2, page_size=4, max_pages=3, prefix_len=3, pool=2)
     q, kc, vc, bt, sl, pk, pv = (t.float() if t.is_floating_point() else t for t in inputs)
     out = prefix_attention_paged(q, kc, vc, bt, sl, pk, pv, softmax_scale=0.3, backend="cuda", **kw)
@@ -465,13 +415,15 @@ def test_cuda_backend_hooks_use_the_agreed_signatures(monkeypatch):
         q.double(), kc.double(), vc.double(), bt, sl, pk.double(), pv.double(), softmax_scale=0.3, **kw
     )
     assert rel_err(out, ref) <= TOLERANCE[torch.float32]
-    assert ("paged_decode", 0.3) in calls and calls[0][0] == "unsupported_reason_paged"
+    assert calls == [("unsupported_reason_paged", 2, 3, 3, False), ("paged_forward", 0.3)]
     problem = paged.validate_paged(q, kc, vc, bt, sl, pk, pv, **kw)
     on_gpu = paged.PagedProblem(**{**problem.__dict__, "device": torch.device("cuda")})
     calls.clear()
-    assert paged.choose_backend("auto", on_gpu, q, kc, bt, pk) == "cuda"
-    assert [c[0] for c in calls] == ["unsupported_reason_paged", "preferred_paged"]
-    assert calls[1][1:] == (tuple(bt.shape), tuple(pk.shape))
+    assert kernels.choose("auto", on_gpu, "paged") == "triton"  # outside the measured region: cuda not asked
+    assert calls == []
+    monkeypatch.setattr(kernels, "preferred", lambda name, problem, kind="dense": True)
+    assert kernels.choose("auto", on_gpu, "paged") == "cuda"
+    assert [c[0] for c in calls] == ["unsupported_reason_paged"]
 
 
 # --- GPU ------------------------------------------------------------------------------------------------
@@ -523,18 +475,9 @@ def test_gpu_bad_tables_never_fault():
     sl = torch.randint(-5000, 5000, sl.shape, dtype=torch.int32, device="cuda")
     ref, ref_lse = paged_reference(q, kc, vc, bt, sl, pk, pv, return_lse=True)
     for path in ("fused", "cascade"):
-        with td.force(path=path):
-            out, lse = prefix_attention_paged(
-                q.bfloat16(),
-                kc.bfloat16(),
-                vc.bfloat16(),
-                bt,
-                sl,
-                pk.bfloat16(),
-                pv.bfloat16(),
-                return_lse=True,
-                backend="triton",
-            )
+        out, lse = _paged_triton(
+            q.bfloat16(), kc.bfloat16(), vc.bfloat16(), bt, sl, pk.bfloat16(), pv.bfloat16(), path=path
+        )
         torch.cuda.synchronize()
         assert rel_err(out, ref) <= TOLERANCE[torch.bfloat16] and rel_err(lse, ref_lse) <= TOLERANCE[torch.bfloat16]
 
@@ -559,8 +502,7 @@ def test_gpu_cuda_graph_replay_with_new_lengths_and_pages(path):
     static = [t.bfloat16() if t.is_floating_point() else t.clone() for t in inputs]
 
     def step():
-        with td.force(path=path):
-            return prefix_attention_paged(*static, return_lse=True, backend="triton", **kw)
+        return _paged_triton(*static, **kw, path=path)
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())

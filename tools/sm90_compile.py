@@ -383,7 +383,7 @@ def compile_decode(quick: bool = False) -> list:
     import torch
 
     from prefixattn.kernels import _decode_kernels as kern
-    from prefixattn.kernels.triton_decode import kernel_config
+    from prefixattn.kernels._triton_config import decode_config
 
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     variants = []
@@ -398,7 +398,7 @@ def compile_decode(quick: bool = False) -> list:
             ),
             ("fused pool, padding mask, splits", "fp32", 96, dict(prefix=2, kpm=True, final=False)),
         ):
-            cfg = kernel_config(hd, dtypes[dtype])
+            cfg = decode_config(hd, dtypes[dtype])
             variants.append((f"{dtype} D={hd} {name}", cfg, dict(dtype=dtype, head_dim=hd, block_n=cfg.block_n, **kw)))
     for dtype, hd in (
         ()
@@ -414,7 +414,7 @@ def compile_decode(quick: bool = False) -> list:
             ("fp32", 16),
         )
     ):
-        cfg = kernel_config(hd, dtypes[dtype])
+        cfg = decode_config(hd, dtypes[dtype])
         variants.append((f"{dtype} D={hd} fused shared", cfg, dict(dtype=dtype, head_dim=hd, block_n=cfg.block_n)))
         variants.append(
             (
@@ -434,7 +434,7 @@ def compile_decode(quick: bool = False) -> list:
                 ),
             )
         )
-    bf = kernel_config(128, torch.bfloat16)
+    bf = decode_config(128, torch.bfloat16)
     for paged, prefix, cascade, kpm, group, sq, final, splits in (
         ()
         if quick

@@ -12,6 +12,9 @@ Methods, all on random bf16 data, checked against concat_sdpa's output before ti
   variant_nosplit triton with split-K forced off, at B <= 8 only (where the plan splits): the candidate fix
                   for the B=1, Sk=256 miss (the merge launch). Information for the next change, not a target
                   row and never "best".
+  variant_fused,  with --paths: the Triton decode kernels with the prefix path forced (an explicit plan),
+  variant_cascade to calibrate the cost model that picks it; information rows like variant_nosplit.
+Rows of the Triton kernels carry their plan (path, splits) and the cost model's predictions for both paths.
 Each timing is the median per call over replays of a CUDA graph that calls the method on several input
 sets in turn (graphs remove launch gaps, rotation keeps L2 honest); the same for every method.
 Bandwidth is counted on the bytes a shared prefix must read: (B*Sk + P) * Hkv * D * 2 bytes, for K and V.
@@ -78,16 +81,40 @@ class Group:
     seq_lens: torch.Tensor
 
 
-def _unsplit(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
-    """fn with the triton decode plan forced to one split (set while it runs, so a graph capture records it)."""
+def forced_decode(q, k, v, pk, pv, **force) -> Callable[[], torch.Tensor]:
+    """A causal call of the Triton decode kernels with an explicit plan (force: path, splits, block_n; see
+    triton_decode.make_plan). The plan is made here, once; the call only launches."""
+    from ..kernels import triton_decode
 
-    def call():
-        from ..kernels import triton_decode
+    plan = triton_decode.plan_for(q, k, pk, **force)
+    scale = q.shape[-1] ** -0.5
+    return lambda: triton_decode.forward(q, k, v, pk, pv, None, None, None, True, scale, plan=plan)[0]
 
-        with triton_decode.force(splits=1):
-            return fn()
 
-    return call
+def plan_fields(q, k, pk, **force) -> dict:
+    """The Triton decode plan of this call (path, splits) and the cost model's time for each prefix path."""
+    from ..kernels import triton_decode as td
+
+    plan = td.plan_for(q, k, pk, **force)
+    sh = plan.shape
+    cost = td.prefix_path_cost(
+        batch=sh.batch,
+        heads_kv=sh.heads_kv,
+        group=sh.group,
+        seqlen_q=sh.seqlen_q,
+        max_keys=sh.max_keys,
+        head_dim=sh.head_dim,
+        prefix_len=sh.prefix_len,
+        pool_size=sh.pool_size,
+        elem_size=sh.dtype.itemsize,
+        num_sms=td.sm_count(q.device),
+    )
+    return dict(
+        path="cascade" if plan.cascade else "fused",
+        splits=plan.num_splits,
+        predicted_fused_us=cost.fused_us,
+        predicted_cascade_us=cost.cascade_us,
+    )
 
 
 class Bench(timing.BenchRun):
@@ -157,9 +184,10 @@ class Bench(timing.BenchRun):
         for be in self.backends:
             out[f"prefixattn_{be}"] = lambda be=be: pa.prefix_attention(q, k, v, pk, pv, causal=True, backend=be)
             if be == "triton" and q.shape[0] <= 8:
-                out["variant_nosplit"] = _unsplit(
-                    lambda: pa.prefix_attention(q, k, v, pk, pv, causal=True, backend="triton")
-                )
+                out["variant_nosplit"] = forced_decode(q, k, v, pk, pv, splits=1)
+            if be == "triton" and self.args.paths:
+                for path in ("fused", "cascade"):
+                    out[f"variant_{path}"] = forced_decode(q, k, v, pk, pv, path=path)
             if self.has_paged:
                 kp, vp, bt = g.k_pages[i], g.v_pages[i], g.block_table[i]
                 out[f"paged_{be}"] = lambda be=be: pa.prefix_attention_paged(
@@ -167,7 +195,19 @@ class Bench(timing.BenchRun):
                 )
         return out
 
-    def time_method(self, name: str, fns: list, base: dict, bytes_read: int, kv_cache: int, check=None) -> None:
+    def triton_plans(self, g: Group, pk) -> dict[str, dict]:
+        """Plan fields of the rows that run the Triton decode kernels, by method name."""
+        if "triton" not in self.backends:
+            return {}
+        q, k = g.q[0], g.k[0]
+        plans = {"prefixattn_triton": plan_fields(q, k, pk), "variant_nosplit": plan_fields(q, k, pk, splits=1)}
+        for path in ("fused", "cascade"):
+            plans[f"variant_{path}"] = plan_fields(q, k, pk, path=path)
+        return plans
+
+    def time_method(
+        self, name: str, fns: list, base: dict, bytes_read: int, kv_cache: int, check=None, plan=None
+    ) -> None:
         try:
             t = self.timer(fns)
         except Exception as exc:  # noqa: BLE001
@@ -197,6 +237,8 @@ class Bench(timing.BenchRun):
         )
         if check is not None:
             rec.update(rel_err=check, correct=bool(check <= CHECK_TOL))
+        if plan is not None:
+            rec.update(plan)
         self.record(**rec)
         flag = "" if rec.get("correct", True) else "  WRONG"
         self.progress(
@@ -269,6 +311,7 @@ class Bench(timing.BenchRun):
         if ref is not None:
             self.time_method("concat_sdpa", [c_["concat_sdpa"] for c_ in calls], base, concat_kv, concat_kv)
         names = [n for n in calls[0] if n != "concat_sdpa"]
+        plans = self.triton_plans(g, pks[0])
         for name in names:
             if self.out_of_time(f"B={batch} Sk={seqlen} P={plen} {name}"):
                 return
@@ -281,7 +324,9 @@ class Bench(timing.BenchRun):
                 self.record(kind="unavailable", **where, method=name, error=error_text(exc))
                 self.progress.note(f"B={batch} Sk={seqlen} P={plen} {name}: unavailable ({error_text(exc, 120)})")
                 continue
-            self.time_method(name, [c_[name] for c_ in calls], base, shared_kv, shared_kv, check=err)
+            self.time_method(
+                name, [c_[name] for c_ in calls], base, shared_kv, shared_kv, check=err, plan=plans.get(name)
+            )
         if not self.has_paged and (batch, seqlen, plen) == (c.batches[0], c.seqlens[0], c.prefix_lens[0]):
             self.record(kind="unavailable", method="paged", error="prefixattn has no prefix_attention_paged")
 
@@ -310,6 +355,11 @@ def parse_args(argv):
     p.add_argument("--page-size", type=int, default=None)
     p.add_argument("--max-gb", type=float, default=80.0, help="skip (B, Sk) groups needing more device memory")
     p.add_argument("--no-graphs", action="store_true", help="time eager calls with events instead of graphs")
+    p.add_argument(
+        "--paths",
+        action="store_true",
+        help="also time triton with the prefix path forced fused and cascade (cost-model calibration rows)",
+    )
     p.add_argument(
         "--out",
         default=None,

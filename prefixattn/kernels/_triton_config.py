@@ -1,8 +1,11 @@
-"""Fixed launch configurations for the Triton training kernels (no autotune sweeps: GPU compile time is scarce).
+"""Fixed launch configurations of every Triton kernel (no autotune sweeps: GPU compile time is scarce).
 
-One small table per (kernel, dtype class, head-dim bucket). The reasoning behind each entry is in
-benchmarks/NOTES.md ("Triton training kernels"). Under the interpreter every kernel uses 16 x 16 tiles so that
-tiny test shapes still run several tiles per loop (prefix tail, causal band, multi-tile sequences).
+Training kernels: one small table per (kernel, dtype class, head-dim bucket), config_for(); the reasoning
+behind each entry is in benchmarks/NOTES.md ("Triton training kernels"). Under the interpreter every training
+kernel uses 16 x 16 tiles so that tiny test shapes still run several tiles per loop (prefix tail, causal band,
+multi-tile sequences). Decode kernels: decode_config(), a rule per (head dim, dtype) (NOTES.md, "Decode
+kernels"); their query tile follows the problem (triton_decode's plan), and tests choose small key blocks
+through an explicit plan.
 """
 
 from __future__ import annotations
@@ -12,6 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from . import triton_interpreting
+
+MIN_HEAD_DIM = 16  # the decode kernels: tl.dot needs K >= 16 (the training kernels pad smaller head dims)
+MAX_HEAD_DIM = 256  # every Triton kernel: 256 keeps the tiles within shared memory
 
 
 @dataclass(frozen=True)
@@ -27,9 +33,13 @@ class KernelConfig:
     num_stages: int
 
 
+def next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
 def head_dim_block(head_dim: int) -> int:
     """The head dim padded to a power of two (tl.arange needs one; tl.dot needs >= 16)."""
-    return max(16, 1 << (head_dim - 1).bit_length())
+    return max(16, next_pow2(head_dim))
 
 
 def _bucket(head_dim: int) -> int:
@@ -102,3 +112,24 @@ def dot_precision(dtype: torch.dtype) -> str:
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation / statistics dtype: fp32, or fp64 for fp64 inputs (exact interpreter checks)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Key tile and launch parameters of the decode kernel (its query tile, block_m, comes from the plan)."""
+
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def decode_config(head_dim: int, dtype: torch.dtype) -> DecodeConfig:
+    """Fixed table per (head dim, dtype): K and V tiles of BLOCK_N x D; 3 stages (2 for the big tiles)
+    keep shared memory at 22-140 KB (compile check), so 1-3 programs fit an SM."""
+    block_d = head_dim_block(head_dim)
+    elem = 4 if dtype == torch.float32 else 2
+    tile_bytes = 2 * block_d * elem  # K + V bytes per key
+    block_n = 64 if tile_bytes * 64 <= 32 * 1024 else 32
+    stages = 3 if tile_bytes * block_n <= 32 * 1024 else 2
+    # D = 256: a 64-row fp32 accumulator is 64 KB; 8 warps keep it at 64 registers a thread (no spills).
+    return DecodeConfig(block_n=block_n, num_warps=8 if block_d > 128 else 4, num_stages=stages)

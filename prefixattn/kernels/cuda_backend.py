@@ -14,14 +14,17 @@ to [0, P]. A row left with no visible key returns zeros and lse = -inf.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from functools import cache, lru_cache
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from ..validation import Problem
 from . import bshd_empty, cuda_ext
+
+if TYPE_CHECKING:
+    from ..paged import PagedProblem
 
 new_out = bshd_empty  # the output layout (ops.py's fake implementation uses it)
 
@@ -75,62 +78,11 @@ def unsupported_reason(problem: Problem, *, needs_grad: bool, deterministic: boo
     return reason
 
 
-def unsupported_reason_paged(q: Tensor, k_cache: Tensor, *, needs_grad: bool = False) -> str | None:
-    """Why the CUDA kernels cannot run a paged decode with this query and cache, or None if they can."""
-    if q.dim() != 4:
-        return f"q must be [B, Hq, Sq, D], got {q.dim()}-d"
-    return _shape_reason(q.device, q.dtype, q.shape[-1], q.shape[2], needs_grad or q.requires_grad)
-
-
-@dataclass(frozen=True)
-class Rule:
-    """A region of shapes where the CUDA kernels were measured faster than Triton ("auto" picks CUDA)."""
-
-    dtypes: tuple = (torch.float16, torch.bfloat16)
-    head_dims: tuple = HEAD_DIMS
-    max_seqlen_q: int = MAX_SEQLEN_Q
-    min_batch: int = 1
-    max_batch: int = 1 << 30
-    min_keys: int = 0  # P + Sk
-    max_keys: int = 1 << 30
-
-    def matches(self, dtype: torch.dtype, head_dim: int, seqlen_q: int, batch: int, keys: int) -> bool:
-        return (
-            dtype in self.dtypes
-            and head_dim in self.head_dims
-            and seqlen_q <= self.max_seqlen_q
-            and self.min_batch <= batch <= self.max_batch
-            and self.min_keys <= keys <= self.max_keys
-        )
-
-
-# Measured preference (H200, bf16, Hq=32, Hkv=8, D=128, Sq=1, CUDA-graph timing, 2026-11-30,
-# benchmarks/results/h200-2026-11-30/decode.json). CUDA vs Triton, microseconds:
-#   B=1   Sk=256  P=16/128/512:   9.8/10.0/12.6  vs  7.9/7.9/8.7      (Triton 1.2-1.4x faster)
-#   B=1   Sk=2048 P=16/128/512:  19.2/20.2/20.1  vs  9.4/9.6/9.5      (Triton ~2x faster)
-#   B=128 Sk=256  P=16/128/512:  55.4/61.3/93.9  vs 44.8/47.0/47.9    (Triton 1.2-2.0x faster)
-#   B=128 Sk=2048 P=16/128/512: 283.6/289.7/323.3 vs 252.0/256.8/252.9 (Triton 1.1-1.3x faster)
-#   paged (page 16): Triton faster at 10 of 12 points (e.g. B=128 Sk=256 P=512: 76.4 vs 109.4); CUDA
-#   faster only at B=1 Sk=256 P=128/512: 11.3 vs 12.9 and 14.8 vs 15.7 (384 and 768 keys).
-# So "auto" picks CUDA only for that paged B=1 corner (the rule below, limited to what was measured);
-# backend="cuda" runs it anywhere it is supported.
-# Why it loses (see NOTES.md, "CUDA decode kernels"): one 128-thread block per (sequence, KV head, split)
-# with K/V streamed straight from global memory keeps too few bytes in flight per SM at 2 blocks/SM.
-PREFERRED: tuple[Rule, ...] = ()
-PREFERRED_PAGED: tuple[Rule, ...] = (
-    Rule(dtypes=(torch.bfloat16,), head_dims=(128,), max_seqlen_q=1, max_batch=1, min_keys=384, max_keys=768),
-)
-
-
-def preferred(problem: Problem) -> bool:
-    """Whether "auto" should pick CUDA over Triton for this problem (from the measured table)."""
-    keys = problem.prefix_len + problem.seqlen_k
-    return any(r.matches(problem.dtype, problem.head_dim, problem.seqlen_q, problem.batch, keys) for r in PREFERRED)
-
-
-def preferred_paged(q: Tensor, k_cache: Tensor, block_table: Tensor, prefix_k: Tensor | None = None) -> bool:
-    keys = block_table.shape[1] * k_cache.shape[1] + (prefix_k.shape[-2] if prefix_k is not None else 0)
-    return any(r.matches(q.dtype, q.shape[-1], q.shape[2], q.shape[0], keys) for r in PREFERRED_PAGED)
+def unsupported_reason_paged(problem: PagedProblem, *, needs_grad: bool) -> str | None:
+    """Why the CUDA kernels cannot run this paged decode, or None if they can."""
+    if problem.dtype == torch.float64:
+        return "float64 runs on backend 'torch' only"
+    return _shape_reason(problem.device, problem.dtype, problem.head_dim, problem.seqlen_q, needs_grad)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -290,6 +242,9 @@ def paged_decode(
     p.sl_s = seq_lens.stride(0)
     _fill_prefix(p, q, hkv, prefix_k, prefix_v, prefix_index, prefix_lengths)
     return _launch(C, p, q, hkv, block_table.shape[1] * page_size, num_splits)
+
+
+paged_forward = paged_decode  # the backend protocol's name for the paged entry (prefixattn.kernels)
 
 
 # ----------------------------------------------------------------------------------------------------

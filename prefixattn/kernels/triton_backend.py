@@ -1,19 +1,24 @@
 """The "triton" backend: routes each call to the prefill/training kernels or the short-query decode kernels.
 
 Both paths compute the same function and return (out, lse), so the backward (which recomputes from
-q, k, v, out and lse) does not care which forward ran.
+q, k, v, out and lse) does not care which forward ran. The paged entry always runs the decode kernels.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
-from ..validation import Problem
 from . import bshd_empty, triton_unavailable_reason
+from ._triton_config import MAX_HEAD_DIM
 
-new_out = bshd_empty  # the output layout of both routes (ops.py's fake implementation uses it)
-MAX_HEAD_DIM = 256
+if TYPE_CHECKING:
+    from ..paged import PagedProblem
+    from ..validation import Problem
+
+new_out = bshd_empty  # the output layout of both routes and of the paged entry (the custom ops' fakes use it)
 
 
 def unsupported_reason(problem: Problem, *, needs_grad: bool, deterministic: bool = True) -> str | None:
@@ -23,6 +28,19 @@ def unsupported_reason(problem: Problem, *, needs_grad: bool, deterministic: boo
     if problem.head_dim > MAX_HEAD_DIM:
         return f"head dim {problem.head_dim} is above the Triton kernels' limit of {MAX_HEAD_DIM}"
     return None
+
+
+def unsupported_reason_paged(problem: PagedProblem, *, needs_grad: bool) -> str | None:
+    """Why the decode kernels cannot run this paged call (they have no backward; the paged entry is inference
+    only, so needs_grad does not refuse them)."""
+    if problem.dtype == torch.float64:
+        return "float64 runs on backend 'torch' only"
+    reason = triton_unavailable_reason(problem.device)
+    if reason is not None:
+        return reason
+    from . import triton_decode
+
+    return triton_decode.unsupported_reason(problem.dtype, problem.head_dim, problem.seqlen_q)
 
 
 def pool_args_in_range(prefix_k, prefix_index, prefix_lengths):
@@ -103,4 +121,14 @@ def backward(
         causal,
         scale,
         deterministic=deterministic,
+    )
+
+
+def paged_forward(
+    q, k_cache, v_cache, block_table, seq_lens, prefix_k, prefix_v, prefix_index, prefix_lengths, scale: float
+):
+    from . import triton_decode
+
+    return triton_decode.paged_forward(
+        q, k_cache, v_cache, block_table, seq_lens, prefix_k, prefix_v, prefix_index, prefix_lengths, scale
     )

@@ -1,7 +1,9 @@
 """Short-query (decode) path of the Triton backend: Sq <= 16 against a contiguous or paged KV cache.
 
 handles() says which calls of the contiguous op come here (triton_backend routes them); forward() and
-paged_forward() plan the launch and run the kernels in _decode_kernels.py.
+paged_forward() plan the launch and run the kernels in _decode_kernels.py. Both take an optional Plan
+(plan_for / plan_for_paged, which can force the prefix path, the split count or the key block: tests and
+benchmarks); without one they make the default plan for the call's shapes.
 
 Plan (shapes only, so a decode step is CUDA-graph capturable: no host sync, no value-dependent
 allocation or launch parameter):
@@ -15,7 +17,6 @@ allocation or launch parameter):
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 from dataclasses import dataclass
@@ -24,9 +25,9 @@ import torch
 from torch import Tensor
 
 from . import bshd_empty
+from ._triton_config import MAX_HEAD_DIM, MIN_HEAD_DIM, DecodeConfig, decode_config, head_dim_block, next_pow2
 
 MAX_QUERY_LEN = 16  # the decode path serves Sq <= 16 (decode, speculative verification, short chunks)
-MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256  # tl.dot needs K >= 16; 256 keeps the tiles within shared memory
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # --- scheduling constants (H100/H200-class GPU; see benchmarks/NOTES.md "Decode kernels") ---
@@ -53,29 +54,6 @@ CASCADE_MIN_SEQUENCES = 8
 CASCADE_MARGIN = 0.95
 
 
-# Test / benchmark knobs. Production code never sets them; tests force each path and small splits.
-_FORCE: dict = {"path": None, "splits": None, "block_n": None, "min_blocks_per_split": None}
-
-
-@contextlib.contextmanager
-def force(
-    path: str | None = None,
-    splits: int | None = None,
-    block_n: int | None = None,
-    min_blocks_per_split: int | None = None,
-):
-    """Force the prefix path ("fused" | "cascade"), the split count or the key block size (tests, benchmarks)."""
-    if path not in (None, "fused", "cascade"):
-        raise ValueError(f"path: expected None, 'fused' or 'cascade', got {path!r}")
-    saved = dict(_FORCE)
-    _FORCE.update(path=path, splits=splits, block_n=block_n, min_blocks_per_split=min_blocks_per_split)
-    try:
-        yield
-    finally:
-        _FORCE.clear()
-        _FORCE.update(saved)
-
-
 def unsupported_reason(dtype: torch.dtype, head_dim: int, seqlen_q: int) -> str | None:
     """Why the decode kernels cannot serve these shapes, or None."""
     if seqlen_q > MAX_QUERY_LEN:
@@ -98,29 +76,6 @@ def handles(q: Tensor, k: Tensor, prefix_k, key_padding_mask, attn_bias, causal)
 
 # ---------------------------------------------------------------------------------------------------
 # Planning
-
-
-@dataclass(frozen=True)
-class Config:
-    block_n: int
-    num_warps: int
-    num_stages: int
-
-
-def kernel_config(head_dim: int, dtype: torch.dtype) -> Config:
-    """Fixed table per (head dim, dtype): K and V tiles of BLOCK_N x D; 3 stages (2 for the big tiles)
-    keep shared memory at 22-140 KB (compile check), so 1-3 programs fit an SM."""
-    block_d = max(16, triton_next_pow2(head_dim))
-    elem = 4 if dtype == torch.float32 else 2
-    tile_bytes = 2 * block_d * elem  # K + V bytes per key
-    block_n = 64 if tile_bytes * 64 <= 32 * 1024 else 32
-    stages = 3 if tile_bytes * block_n <= 32 * 1024 else 2
-    # D = 256: a 64-row fp32 accumulator is 64 KB; 8 warps keep it at 64 registers a thread (no spills).
-    return Config(block_n=block_n, num_warps=8 if block_d > 128 else 4, num_stages=stages)
-
-
-def triton_next_pow2(n: int) -> int:
-    return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
 @functools.cache
@@ -185,7 +140,7 @@ def prefix_path_cost(
     wins once B * P is a sizeable fraction of B * Sk (e.g. B=128, Sk=256, P=512: 65 vs 35 us).
     """
     rows = group * seqlen_q
-    block_m = min(64, max(16, triton_next_pow2(rows)))
+    block_m = min(64, max(16, next_pow2(rows)))
     m_tiles = math.ceil(rows / block_m)
     kv = heads_kv * head_dim * elem_size * 2
     n_entries = min(pool_size, batch) if pool_size > 1 else 1
@@ -210,13 +165,31 @@ def prefix_path_cost(
 
 
 @dataclass(frozen=True)
+class PlanShape:
+    """The shapes a plan is made for; a launch refuses a plan made for other shapes."""
+
+    batch: int
+    heads_kv: int
+    group: int
+    seqlen_q: int
+    max_keys: int  # Sk, or max_pages * page_size for a paged cache
+    head_dim: int
+    prefix_len: int
+    pool_size: int  # N for a pool, else 1
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True)
 class Plan:
+    """How one decode call is launched: prefix path, split count, tiles. Shapes only, no tensor values."""
+
+    shape: PlanShape
     cascade: bool
     num_splits: int
     block_m: int
     m_tiles: int
     block_d: int
-    config: Config
+    config: DecodeConfig
     cascade_groups: int
     cascade_tiles: int
 
@@ -241,20 +214,36 @@ def make_plan(
     pool_size: int,
     dtype: torch.dtype,
     device: torch.device,
+    path: str | None = None,
+    splits: int | None = None,
+    block_n: int | None = None,
+    min_blocks_per_split: int | None = None,
 ) -> Plan:
-    config = kernel_config(head_dim, dtype)
-    if _FORCE["block_n"]:
-        config = Config(block_n=_FORCE["block_n"], num_warps=config.num_warps, num_stages=config.num_stages)
+    """The launch plan for these shapes: the cost model's prefix path and the split rule, unless forced.
+
+    path ("fused" | "cascade"), splits, block_n (the key tile) and min_blocks_per_split override the
+    choices (tests run every code path on tiny shapes with them; benchmarks time the alternatives). A
+    forced path only applies with a prefix."""
+    if path not in (None, "fused", "cascade"):
+        raise ValueError(f"path: expected None, 'fused' or 'cascade', got {path!r}")
+    for name, value in (("splits", splits), ("block_n", block_n), ("min_blocks_per_split", min_blocks_per_split)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name}: expected None or a positive int, got {value!r}")
+    if block_n is not None and block_n & (block_n - 1):
+        raise ValueError(f"block_n: expected a power of two (a tl.arange length), got {block_n}")
+    shape = PlanShape(batch, heads_kv, group, seqlen_q, max_keys, head_dim, prefix_len, pool_size, dtype)
+    config = decode_config(head_dim, dtype)
+    if block_n is not None:
+        config = DecodeConfig(block_n=block_n, num_warps=config.num_warps, num_stages=config.num_stages)
     rows = group * seqlen_q
-    block_m = min(64, max(16, triton_next_pow2(rows)))
+    block_m = min(64, max(16, next_pow2(rows)))
     m_tiles = math.ceil(rows / block_m)
     num_sms = sm_count(device)
 
     cascade = False
     if prefix_len > 0:
-        forced = _FORCE["path"]
-        if forced is not None:
-            cascade = forced == "cascade"
+        if path is not None:
+            cascade = path == "cascade"
         else:
             cost = prefix_path_cost(
                 batch=batch,
@@ -272,20 +261,50 @@ def make_plan(
 
     key_range = max_keys + (0 if cascade else prefix_len)
     max_blocks = math.ceil(key_range / config.block_n)
-    min_blocks = _FORCE["min_blocks_per_split"] or MIN_BLOCKS_PER_SPLIT
-    splits = _FORCE["splits"] or choose_splits(batch * heads_kv * m_tiles, max_blocks, num_sms, min_blocks)
+    min_blocks = min_blocks_per_split or MIN_BLOCKS_PER_SPLIT
+    splits = splits or choose_splits(batch * heads_kv * m_tiles, max_blocks, num_sms, min_blocks)
     groups = (pool_size if pool_size > 1 else 1) if cascade else 0
     tiles = math.ceil(batch * rows / CASCADE_BLOCK_M) if cascade else 0
     return Plan(
+        shape=shape,
         cascade=cascade,
         num_splits=splits,
         block_m=block_m,
         m_tiles=m_tiles,
-        block_d=max(16, triton_next_pow2(head_dim)),
+        block_d=head_dim_block(head_dim),
         config=config,
         cascade_groups=groups,
         cascade_tiles=tiles,
     )
+
+
+def _shapes(q: Tensor, heads_kv: int, max_keys: int, prefix_k: Tensor | None) -> dict:
+    """make_plan's shape arguments for a call (the prefix as _prefix_args reads it)."""
+    batch, heads_q, seqlen_q, head_dim = q.shape
+    mode, plen_max, pool, _, _ = _prefix_args(prefix_k, prefix_k)
+    return dict(
+        batch=batch,
+        heads_kv=heads_kv,
+        group=heads_q // heads_kv,
+        seqlen_q=seqlen_q,
+        max_keys=max_keys,
+        head_dim=head_dim,
+        prefix_len=plen_max,
+        pool_size=pool if mode == 2 else 1,
+        dtype=q.dtype,
+        device=q.device,
+    )
+
+
+def plan_for(q: Tensor, k: Tensor, prefix_k: Tensor | None = None, **overrides) -> Plan:
+    """The plan of forward(q, k, ..., prefix_k, ...): q [B, Hq, Sq, D], k [B, Hkv, Sk, D]; overrides as make_plan."""
+    return make_plan(**_shapes(q, k.shape[1], k.shape[2], prefix_k), **overrides)
+
+
+def plan_for_paged(q: Tensor, k_cache: Tensor, block_table: Tensor, prefix_k: Tensor | None = None, **overrides):
+    """The plan of paged_forward: k_cache [num_pages, page_size, Hkv, D], block_table [B, max_pages]."""
+    max_keys = block_table.shape[1] * k_cache.shape[1]
+    return make_plan(**_shapes(q, k_cache.shape[2], max_keys, prefix_k), **overrides)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -338,6 +357,7 @@ def _launch(
     v_strides,
     num_pages: int,
     page_size: int,
+    plan: Plan | None,
 ):
     """k_strides / v_strides: (sequence or page, KV head, token) strides of k and v."""
     from . import _decode_kernels as kern
@@ -351,18 +371,13 @@ def _launch(
         return out, lse
 
     mode, plen_max, pool, spk, spv = _prefix_args(prefix_k, prefix_v)
-    plan = make_plan(
-        batch=batch,
-        heads_kv=heads_kv,
-        group=group,
-        seqlen_q=seqlen_q,
-        max_keys=max_keys,
-        head_dim=head_dim,
-        prefix_len=plen_max,
-        pool_size=pool if mode == 2 else 1,
-        dtype=q.dtype,
-        device=q.device,
-    )
+    shapes = _shapes(q, heads_kv, max_keys, prefix_k)
+    if plan is None:
+        plan = make_plan(**shapes)
+    else:
+        shape = PlanShape(**{k: v for k, v in shapes.items() if k != "device"})
+        if plan.shape != shape:
+            raise ValueError(f"plan: expected a plan made for this call's {shape}, got one made for {plan.shape}")
     if plan.needs_merge:
         opart = torch.empty((batch * heads_q * seqlen_q, plan.nslots, head_dim), dtype=torch.float32, device=q.device)
         lpart = torch.empty((batch * heads_q * seqlen_q, plan.nslots), dtype=torch.float32, device=q.device)
@@ -472,7 +487,7 @@ def _launch(
             SQ=seqlen_q,
             HEAD_DIM=head_dim,
             BLOCK_D=plan.block_d,
-            BLOCK_S=max(2, triton_next_pow2(plan.nslots)),
+            BLOCK_S=max(2, next_pow2(plan.nslots)),
             POOL_SLOT0=plan.cascade and mode == 2,
             num_warps=4,
         )
@@ -490,8 +505,10 @@ def forward(
     key_padding_mask,
     causal: bool,
     scale: float,
+    plan: Plan | None = None,
 ):
-    """The contiguous op's decode path: q [B, Hq, Sq, D], k/v [B, Hkv, Sk, D]; same semantics as the reference."""
+    """The contiguous op's decode path: q [B, Hq, Sq, D], k/v [B, Hkv, Sk, D]; same semantics as the reference.
+    plan: from plan_for (default: the plan for these shapes)."""
     reason = unsupported_reason(q.dtype, q.shape[-1], q.shape[2])
     if reason is not None:
         raise ValueError(f"q: {reason}")
@@ -516,6 +533,7 @@ def forward(
         v_strides=v.stride()[:3],
         num_pages=0,
         page_size=1,
+        plan=plan,
     )
 
 
@@ -530,10 +548,12 @@ def paged_forward(
     prefix_index,
     prefix_lengths,
     scale: float,
+    plan: Plan | None = None,
 ):
     """Decode over a paged cache: k_cache/v_cache [num_pages, page_size, Hkv, D], block_table [B, max_pages],
     seq_lens [B] (including the Sq new tokens, which are causal bottom-right). Inputs validated by
-    prefixattn.paged; bad table entries mask their keys, lengths are clamped to the table."""
+    prefixattn.paged; bad table entries mask their keys, lengths are clamped to the table. plan: from
+    plan_for_paged (default: the plan for these shapes)."""
     reason = unsupported_reason(q.dtype, q.shape[-1], q.shape[2])
     if reason is not None:
         raise ValueError(f"q: {reason}")
@@ -559,4 +579,5 @@ def paged_forward(
         v_strides=(v_cache.stride(0), v_cache.stride(2), v_cache.stride(1)),
         num_pages=num_pages,
         page_size=page_size,
+        plan=plan,
     )

@@ -4,7 +4,7 @@ from .adapter import CROSS, ENCODER, LOCATIONS, SELF, LocationSpec, ModelGeometr
 from .config import PrefixTuningConfig
 from .io import CONFIG_NAME, WEIGHTS_NAME, checkpoint_bytes, read_adapter, save_adapter
 from .modules import FlatPrefix, PrefixGate, PrefixMLP
-from .store import ForwardContext, LocationPrefix, PrefixArgs, PrefixStore
+from .store import ForwardContext, LayerPrefix, LocationPrefix, PrefixStore
 
 __all__ = [
     "PrefixTuningConfig",
@@ -12,7 +12,7 @@ __all__ = [
     "PrefixStore",
     "ForwardContext",
     "LocationPrefix",
-    "PrefixArgs",
+    "LayerPrefix",
     "LocationSpec",
     "ModelGeometry",
     "plan_locations",

@@ -45,8 +45,8 @@ class LocationPrefix:
     has_any: frozenset = frozenset()
 
 
-class PrefixArgs(tuple):
-    """(prefix_k, prefix_v, prefix_index, prefix_lengths) for one prefix_attention call."""
+class LayerPrefix(tuple):
+    """One layer's prefix for one prefix_attention call: (prefix_k, prefix_v, prefix_index, prefix_lengths)."""
 
     __slots__ = ()
 
@@ -100,7 +100,7 @@ class ForwardContext:
         dtype: torch.dtype,
         batch: int,
         hidden_states: Tensor | None = None,
-    ) -> PrefixArgs | None:
+    ) -> LayerPrefix | None:
         """The prefix arguments for one attention call, or None when this layer has no prefix."""
         if location is None or location not in self.locations:
             return None
@@ -120,13 +120,13 @@ class ForwardContext:
         if self.gated and self._layer_gated(location, layer):
             return self._gated(location, layer, pk, pv, lengths, index, batch, hidden_states)
         if lp.shared is not None:
-            return PrefixArgs(pk, pv)
-        return PrefixArgs(pk, pv, index, lengths)
+            return LayerPrefix(pk, pv)
+        return LayerPrefix(pk, pv, index, lengths)
 
     def _layer_gated(self, location: str, layer: int) -> bool:
         return any(self.store.adapters[self.active[i]].gate(location, layer) is not None for i in self.gated)
 
-    def _gated(self, location, layer, pk, pv, lengths, index, batch, hidden_states) -> PrefixArgs:
+    def _gated(self, location, layer, pk, pv, lengths, index, batch, hidden_states) -> LayerPrefix:
         """Gating scales the prefix per sequence, so it needs the pool form with one entry per sequence
         (N = B): B x P memory, which only gating forces."""
         if hidden_states is None:
@@ -156,7 +156,7 @@ class ForwardContext:
         pv_b = pv_b * gv[:, None, None, None]
         rows = torch.arange(batch, device=device)
         per_seq_index = torch.where(index >= 0, rows, torch.full_like(rows, -1))
-        return PrefixArgs(pk_b, pv_b, per_seq_index, len_b)
+        return LayerPrefix(pk_b, pv_b, per_seq_index, len_b)
 
 
 class PrefixStore(nn.Module):
