@@ -77,14 +77,16 @@ def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -
     output_dir = output_dir if output_dir is not None else self.args.output_dir
     model = _base_model(self, self.model)
     store = get_store(model)
-    copies = {}
-    for name in trained_adapters(model, "adapter_checkpoints"):
+    names = trained_adapters(model, "adapter_checkpoints")
+    if state_dict is None:
         # Full CPU copies, taken on every rank: gathering sharded (FSDP2) parameters is a collective.
-        prefix = f"{STORE_NAME}.adapters.{name}."
-        given = (
-            None if state_dict is None else {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
-        )
-        copies[name] = full_copy(store.get(name), given or None)
+        copies = {name: full_copy(store.get(name)) for name in names}
+    else:
+        # Trainer gathered the full state already (FSDP full state dict); ranks other than the writer may
+        # have received an empty one, so nothing here may be collective.
+        if not self.args.should_save:
+            return
+        copies = {name: full_copy(store.get(name), _sub_state(state_dict, name)) for name in names}
     if not self.args.should_save:
         return
     os.makedirs(output_dir, exist_ok=True)
@@ -94,6 +96,11 @@ def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -
     if tokenizer is not None:
         tokenizer.save_pretrained(output_dir)
     torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+
+def _sub_state(state_dict: dict, name: str) -> dict:
+    prefix = f"{STORE_NAME}.adapters.{name}."
+    return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
 def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
