@@ -212,3 +212,23 @@ def test_sft_trainer_checkpoints_hold_only_the_adapter_and_resume_exactly(tmp_pa
     resumed = _train_sft(tmp_path / "resumed", adapter_seed=1, resume=str(checkpoint))
     _assert_same_run(straight, resumed)
     _assert_eject_save_load(straight[1], tmp_path)
+
+
+def test_load_best_model_at_end_reloads_the_best_checkpoints_adapter(tmp_path):
+    model = _prepared(0)
+    args = _args(tmp_path, eval_strategy="steps", eval_steps=STOP, load_best_model_at_end=True)
+    # "best" = the highest eval loss, i.e. the earlier checkpoint, so the reload visibly changes the adapter
+    args.update(metric_for_best_model="loss", greater_is_better=True)
+    trainer = transformers.Trainer(
+        model=model, args=transformers.TrainingArguments(**args), train_dataset=_examples(), eval_dataset=_examples()
+    )
+    adapter_checkpoints(trainer)
+    trainer.train()
+    assert trainer.state.best_model_checkpoint == str(tmp_path / f"checkpoint-{STOP}")
+    from safetensors.torch import load_file
+
+    best = load_file(str(tmp_path / f"checkpoint-{STOP}" / "a" / WEIGHTS_NAME))
+    last = load_file(str(tmp_path / f"checkpoint-{STEPS}" / "a" / WEIGHTS_NAME))
+    state = _adapter_state(model)
+    assert all(torch.equal(state[k], best[k]) for k in best)
+    assert not all(torch.equal(state[k], last[k]) for k in last)
