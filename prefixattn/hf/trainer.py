@@ -2,7 +2,8 @@
 
     trainer = adapter_checkpoints(Trainer(model=model, args=args, ...))
 
-binds two methods on that one trainer instance (its class is not touched):
+binds Trainer's saving and loading methods (_save, _load_from_checkpoint, _load_best_model) on that one
+trainer instance (its class is not touched):
 
 - saving (every checkpoint, and trainer.save_model()) writes each adapter being trained in prefixattn's
   format, one folder per adapter (`<folder>/<adapter name>/`, read back by model.load_adapter), and the
@@ -37,7 +38,9 @@ def adapter_checkpoints(trainer):
 
     Call it after model.train_adapter(...) and before trainer.train(). Raises if no adapter is being trained
     or if parameters outside the adapters are trainable."""
-    if not all(hasattr(trainer, attr) for attr in ("_save", "_load_from_checkpoint", "accelerator", "args")):
+    if not all(
+        hasattr(trainer, attr) for attr in ("_save", "_load_from_checkpoint", "_load_best_model", "accelerator", "args")
+    ):
         raise TypeError(f"adapter_checkpoints: expected a transformers Trainer, got {type(trainer).__name__}")
     trained_adapters(_base_model(trainer, trainer.model), "adapter_checkpoints")
     trainer._save = types.MethodType(_save, trainer)
