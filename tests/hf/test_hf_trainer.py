@@ -6,14 +6,13 @@ import os
 
 import pytest
 import torch
+import transformers
 from hf_models import VOCAB, build
 
 import prefixattn
 from prefixattn import PrefixTuningConfig
 from prefixattn.hf import adapter_checkpoints, get_store
 from prefixattn.tuning import CONFIG_NAME, WEIGHTS_NAME
-
-transformers = pytest.importorskip("transformers")
 
 STEPS, STOP = 6, 3
 # dropout on the prefix makes the run depend on the RNG state, which resuming must restore too
