@@ -78,6 +78,7 @@ def init(model: PreTrainedModel, backend: str = "auto", deterministic: bool = Tr
     store = PrefixStore(geometry, backend=backend, deterministic=deterministic)
     _set_attn_implementation(model)
     model.add_module(STORE_NAME, store)
+    store.train(model.training)  # a new module starts in train mode; adapters added later copy the store's mode
     probe = sites[0].module
     store.__dict__["_probe_module"] = probe  # plain attribute: a child module would make a reference cycle
     store.__dict__["_gc_probe"] = next(
