@@ -80,3 +80,58 @@ def test_listed_tensor_shapes_must_match_the_weights_file(tmp_path):
     model = prefixattn.init(build("llama"))
     with pytest.raises(ValueError, match="lists tensors that the weights file does not hold"):
         model.load_adapter(str(tmp_path))
+
+
+def _offset_adapter(tmp_path, family, offset):
+    model = build(family)
+    prefixattn.init(model)
+    model.add_adapter("a", config=PrefixTuningConfig(prefix_length=4, bottleneck_size=16, flat=True))
+    model.save_adapter(str(tmp_path), "a")
+    _edit_json(tmp_path, lambda m: m["metadata"].__setitem__("position_offset", offset))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bart"])
+def test_position_offset_past_the_position_table_is_refused_at_load(tmp_path, family):
+    _offset_adapter(tmp_path, family, 128)  # the tiny models have 128 positions: 0..127
+    model = prefixattn.init(build(family))
+    with pytest.raises(ValueError, match="position_offset'\\] = 128 .* position table holds 128 positions"):
+        model.load_adapter(str(tmp_path))
+    assert get_store(model).names() == []
+    with pytest.raises(ValueError, match="position table holds 128"):
+        model.add_adapter("b", config=PrefixTuningConfig(flat=True), metadata={"position_offset": 500})
+    assert get_store(model).names() == []
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bart"])
+def test_position_offset_inside_the_position_table_loads_and_runs(tmp_path, family):
+    from hf_models import batch
+
+    _offset_adapter(tmp_path, family, 120)  # room for 8 real tokens: the test batch has 7 (decoder: 5)
+    model = prefixattn.init(build(family))
+    model.load_adapter(str(tmp_path), set_active=True)
+    kw, _ = batch(family)
+    with torch.no_grad():
+        assert torch.isfinite(model(**kw).logits).all()
+
+
+def test_peft_prefix_longer_than_the_position_table_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    p, layers, token_dim = 128, 2, 32  # GPT-2 in PEFT's frame puts real tokens at P = 128: past 0..127
+    config = {
+        "peft_type": "PREFIX_TUNING",
+        "task_type": "CAUSAL_LM",
+        "num_virtual_tokens": p,
+        "num_layers": layers,
+        "token_dim": token_dim,
+        "num_attention_heads": 4,
+        "num_transformer_submodules": 1,
+    }
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    save_file(
+        {"prompt_embeddings": torch.randn(p, layers * 2 * token_dim)}, str(tmp_path / "adapter_model.safetensors")
+    )
+    model = prefixattn.init(build("gpt2"))
+    with pytest.raises(ValueError, match="load_peft_prefix: metadata\\['position_offset'\\] = 128"):
+        prefixattn.load_peft_prefix(model, str(tmp_path), "p")
+    assert get_store(model).names() == []
