@@ -1,4 +1,4 @@
-"""The model-agnostic prefix store: generators, pool assembly, per-sequence choice, caching."""
+"""The model-agnostic prefix store: generators, pool assembly, per-sequence choice, freshness."""
 
 import pytest
 import torch
@@ -56,13 +56,14 @@ def test_pool_form_pads_lengths_and_expands_the_choice():
         ctx.layer_prefix("self_prefix", 0, dtype=torch.float32, batch=3)
 
 
-def test_no_grad_results_are_cached_until_a_parameter_changes():
+def test_every_forward_sees_the_current_parameters():
     store = _store()
     store.set_active("a")
     with torch.no_grad():
-        first = store.begin_forward(None, dtype=torch.float32, device="cpu").locations
-        assert store.begin_forward(None, dtype=torch.float32, device="cpu").locations is first
-        store.get("a").generators["self_prefix"].wte.weight.add_(1.0)
-        assert store.begin_forward(None, dtype=torch.float32, device="cpu").locations is not first
+        first = store.begin_forward(None, dtype=torch.float32, device="cpu").locations["self_prefix"].shared
+        store.get("a").generators["self_prefix"].wte.weight.data.add_(1.0)  # bumps no version counter
+        second = store.begin_forward(None, dtype=torch.float32, device="cpu").locations["self_prefix"].shared
+    assert not torch.allclose(first, second)
+    assert torch.equal(second, store.flat_prefix("a")["self_prefix"])
     with_grad = store.begin_forward(None, dtype=torch.float32, device="cpu").locations
     assert with_grad["self_prefix"].shared.requires_grad

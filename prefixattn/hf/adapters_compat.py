@@ -19,7 +19,7 @@ import torch
 
 from ..tuning.adapter import LOCATIONS, PrefixAdapter
 from ..tuning.config import PrefixTuningConfig
-from ..tuning.io import load_checked_state
+from ..tuning.io import load_checked_state, plan_adapter
 from . import attention as attn
 from .checkpoint_files import find_weights, read_json, read_tensors, require_dir
 from .install import get_store, install_adapter
@@ -185,8 +185,8 @@ def read_adapters_checkpoint(model, path, adapter_name: str | None) -> PrefixAda
     if flat and not config.flat:
         metadata["note"] = "saved by adapters with flat=false after eject; read as the flat prefix it holds"
     config = config.replace(flat=flat)
-    try:
-        adapter = PrefixAdapter(name, config, geometry, metadata=metadata)
+    try:  # on the meta device: nothing is allocated until the tensors are checked against it
+        adapter = plan_adapter(name, config, geometry, metadata=metadata)
     except ValueError as e:
         raise ValueError(f"{WHO}: the checkpoint's config does not fit this {here}: {e}") from None
     if sorted(forms) != sorted(adapter.rows):

@@ -14,7 +14,7 @@ function turns into an additive 0/-inf attn_bias on the sequence keys (the prefi
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import bidirectional_mask_function, causal_mask_function, sdpa_mask
 
@@ -164,15 +164,24 @@ def _translate_mask(module, query: Tensor, key: Tensor, value: Tensor, attention
         key, value = key[:, :, :keep], value[:, :, :keep]
     position_bias = kwargs.get("position_bias")  # T5: relative position bias on the sequence keys only
     if position_bias is not None:
+        if _constant_made_grad_requiring(position_bias):
+            position_bias = position_bias.detach()
         pb = position_bias[..., :keep]
-        if pb.requires_grad and pb.grad_fn is None:
-            # T5 makes its all-zero bias a grad-requiring leaf under gradient checkpointing; it is no
-            # parameter, so detaching it loses nothing and keeps the kernel backends usable.
-            pb = pb.detach()
         bias = pb if bias is None else pb + bias
     if causal and query.shape[2] > key.shape[2]:
         causal = False  # cannot happen with transformers' masks; bottom-right would hide everything
     return key, value, causal, kpm, bias
+
+
+def _constant_made_grad_requiring(position_bias: Tensor) -> bool:
+    """T5 layers without a relative bias (every cross-attention, self-attention after layer 0 when the bias is
+    not passed on) create an all-zero bias and, under gradient checkpointing in training, mark it
+    requires_grad=True so that reentrant checkpointing sees a grad-requiring input. It is a leaf that is no
+    parameter: nothing can read its gradient, so it is detached, which keeps the kernel backends (no
+    attn_bias gradient) usable. The test runs on the tensor T5 passed, before any slice: a slice is a view
+    with a grad_fn and no longer looks like a leaf. A bias computed from trainable weights (a grad_fn) or a
+    Parameter keeps requiring grad, and backends without an attn_bias gradient refuse it."""
+    return position_bias.requires_grad and position_bias.is_leaf and not isinstance(position_bias, nn.Parameter)
 
 
 def prefixattn_attention(

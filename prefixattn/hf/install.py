@@ -24,6 +24,7 @@ from ..validation import check_backend_name
 from . import attention as attn
 from . import positions
 from .families import entry_modules, find_sites
+from .position_table import check_offset_fits
 
 STORE_NAME = "prefix_tuning"  # the registered child module holding the adapters (as in adapters)
 
@@ -220,6 +221,7 @@ def add_adapter(
     store = get_store(self)
     config = PrefixTuningConfig.coerce(config)
     positions.check_metadata(self, metadata, "add_adapter")
+    check_offset_fits(self, metadata, "add_adapter")
     if overwrite_ok and isinstance(adapter_name, str) and adapter_name in store.adapters:
         from ..tuning.adapter import PrefixAdapter
 
@@ -276,6 +278,7 @@ def load_adapter(self, adapter_name_or_path: str, load_as: str | None = None, se
     adapter = tuning_io.read_adapter(adapter_name_or_path, store.geometry, name=load_as)
     store.check_new_name(adapter.name)
     positions.check_metadata(self, adapter.metadata, "load_adapter")
+    check_offset_fits(self, adapter.metadata, "load_adapter")
     return install_adapter(store, adapter, set_active)
 
 

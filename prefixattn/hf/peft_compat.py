@@ -33,6 +33,7 @@ from ..tuning.config import PrefixTuningConfig
 from . import positions as pos
 from .checkpoint_files import find_weights, read_json, read_tensors, require_dir
 from .install import get_store, install_adapter
+from .position_table import check_offset_fits
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -254,6 +255,7 @@ def load_peft_prefix(model, path, adapter_name: str, *, positions: str = "peft",
     }
     if offset:
         metadata[pos.METADATA_KEY] = offset
+        check_offset_fits(model, metadata, who)
     config = PrefixTuningConfig(flat=True, prefix_length=p, encoder_prefix=False, cross_prefix=False)
     adapter = PrefixAdapter(adapter_name, config, store.geometry, metadata=metadata)
     adapter.set_flat_prefix({SELF: prefix})

@@ -8,8 +8,10 @@ a pool per location. Attention layers then only slice the context (views, no sav
 gradient checkpointing exact: a recomputed layer reads the same context tensors (they reach it through the
 layer kwargs that transformers captures for the recompute).
 
-Without gradients (generate, eval) the built prefixes are cached and reused until a parameter changes
-(checked through each parameter's version counter and storage), so decode steps never rerun the MLP.
+Nothing is cached between forwards: a cache keyed on version counters returned stale prefixes after
+in-place `.data` writes (EMA, weight averaging), which bump no counter, and checking the values instead
+costs about half of what rerunning the MLP costs. A flat (or ejected) prefix is read directly; an MLP reruns
+each forward, decode steps included (eject_prefix_tuning for inference removes that cost).
 """
 
 from __future__ import annotations
@@ -169,8 +171,6 @@ class PrefixStore(nn.Module):
         self.active: list[str] = []
         self.backend = backend
         self.deterministic = deterministic
-        self._structure_version = 0
-        self._cache: tuple | None = None
         self._current: ForwardContext | None = None
         self._entered: list[int] = []  # entry modules that opened the current context (see prefixattn.hf)
         self.any_gating = False
@@ -242,8 +242,6 @@ class PrefixStore(nn.Module):
         self.changed()
 
     def changed(self) -> None:
-        self._structure_version += 1
-        self._cache = None
         self.any_gating = any(a.config.use_gating for a in self.adapters.values())
 
     # -- the per-sequence choice ------------------------------------------------------------------------
@@ -326,38 +324,8 @@ class PrefixStore(nn.Module):
                 f"per sequence) to forward()/generate(), or activate a single adapter"
             )
         pool_mode = resolved is not None
-        locations = self._locations(active, pool_mode, dtype, device)
+        locations = self._build_locations(active, pool_mode, dtype) if active else {}
         return ForwardContext(self, active, resolved, locations, dtype)
-
-    def _cacheable(self, active: tuple) -> bool:
-        for name in active:
-            adapter = self.adapters[name]
-            if adapter.training and adapter.config.dropout > 0:
-                return False
-            if torch.is_grad_enabled() and any(p.requires_grad for p in adapter.parameters()):
-                return False
-        return True
-
-    def _signature(self, active: tuple) -> tuple:
-        return tuple(
-            (id(p), p._version, p.data_ptr(), p.dtype, p.device)
-            for name in active
-            for p in self.adapters[name].parameters()
-        )
-
-    def _locations(self, active: tuple, pool_mode: bool, dtype, device) -> dict[str, LocationPrefix]:
-        if not active:
-            return {}
-        cacheable = self._cacheable(active)
-        if cacheable:
-            key = (active, pool_mode, dtype, torch.device(device), self._structure_version, self._signature(active))
-            if self._cache is not None and self._cache[0] == key:
-                return self._cache[1]
-        with torch.no_grad() if cacheable else contextlib.nullcontext():
-            locations = self._build_locations(active, pool_mode, dtype)
-        if cacheable:
-            self._cache = (key, locations)
-        return locations
 
     def _build_locations(self, active: tuple, pool_mode: bool, dtype) -> dict[str, LocationPrefix]:
         adapters = [self.adapters[a] for a in active]
