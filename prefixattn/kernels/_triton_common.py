@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from . import triton_interpreting
+from ._layout import unit_stride_last
 
 if triton_interpreting():
     from . import _triton_interpreter
@@ -254,8 +255,8 @@ class PrefixArgs:
         return PrefixArgs(
             prefix_k,
             prefix_v,
-            prefix_index if pooled else dummy,
-            prefix_lengths if prefix_lengths is not None else dummy,
+            unit_stride_last(prefix_index) if pooled else dummy,  # the kernels read index vectors densely
+            unit_stride_last(prefix_lengths) if prefix_lengths is not None else dummy,
             strides(prefix_k),
             strides(prefix_v),
             prefix_k.shape[-2],

@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._layout import unit_stride_last
 from ._triton_common import LOG2E, PrefixArgs, atomic_add_rows, load_rows, tl_acc
 from ._triton_config import KernelConfig, acc_dtype, dot_precision, head_dim_block
 
@@ -342,6 +343,7 @@ def prefix_grads(
     dpv = torch.empty_like(pre.v)
     if dpk.numel() == 0:
         return dpk, dpv
+    dout = unit_stride_last(dout)
     p = plan(
         batch=batch,
         heads_q=heads_q,

@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._layout import unit_stride_last
 from ._triton_common import LOG2E, PrefixArgs, finish_rows, load_rows, prefix_tile_ptrs, store_rows, tl_acc
 from ._triton_config import acc_dtype, config_for, dot_precision, head_dim_block
 from .triton_fwd import prefix_tiles
@@ -178,6 +179,7 @@ def merge_prefix(
         out.copy_(out_seq)
         lse.copy_(lse_seq)
         return out, lse
+    out_seq = unit_stride_last(out_seq)  # the vendor kernels' output: already dense unless a torch version changes it
     cfg = config_for("fwd", head_dim, q.dtype)
     # A short prefix gets a narrower key tile (the training table's 128 would be mostly masked at P = 16).
     block_n = min(cfg.block_n, max(16, triton.next_power_of_2(pre.length)))

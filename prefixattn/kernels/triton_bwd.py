@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from . import _triton_prefix_bwd
+from ._layout import unit_stride_last
 from ._triton_common import (
     LOG2E,
     PrefixArgs,
@@ -696,6 +697,7 @@ def configs_for(head_dim: int, dtype: torch.dtype) -> dict[str, KernelConfig]:
 def preprocess(dout, dlse, out, lse):
     """Launch 1: (delta, lse2), [B, Hq, Sq] in the accumulation dtype (see the module docstring)."""
     batch, heads_q, seq_q, head_dim = out.shape
+    dout, out = unit_stride_last(dout), unit_stride_last(out)
     delta = torch.empty((batch, heads_q, seq_q), dtype=acc_dtype(out.dtype), device=out.device)
     lse2 = torch.empty_like(delta)
     dlse_t = dlse if dlse is not None else lse
@@ -823,6 +825,7 @@ def prefix_backward(dout, dlse, q, prefix_k, prefix_v, prefix_index, prefix_leng
     pre = PrefixArgs.build(prefix_k, prefix_v, prefix_index, prefix_lengths, q)
     if not pre.present or q.numel() == 0:
         return torch.zeros_like(prefix_k), torch.zeros_like(prefix_v)
+    dout = unit_stride_last(dout)  # e.g. the all-zero-stride dout of out.sum().backward()
     delta, lse2 = preprocess(dout, dlse, out, lse)
     head_dim = q.shape[-1]
     _launch_dq(
@@ -883,6 +886,7 @@ def backward(
     qk_scale = scale * LOG2E
 
     pre = PrefixArgs.build(prefix_k, prefix_v, prefix_index, prefix_lengths, q)
+    dout = unit_stride_last(dout)  # e.g. the all-zero-stride dout of out.sum().backward()
     fuse_dq = not deterministic
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from . import bshd_empty
+from ._layout import unit_stride_last
 
 MAX_QUERY_LEN = 16  # the decode path serves Sq <= 16 (decode, speculative verification, short chunks)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256  # tl.dot needs K >= 16; 256 keeps the tiles within shared memory
@@ -350,6 +351,11 @@ def _launch(
         lse.fill_(float("-inf"))
         return out, lse
 
+    # The kernels read index vectors densely and a block-table row as contiguous page ids: a strided view
+    # (a column of a table, table[:, ::2]) becomes a dense copy first; dense tensors pass through untouched.
+    prefix_index, prefix_lengths, seq_lens, block_table = map(
+        unit_stride_last, (prefix_index, prefix_lengths, seq_lens, block_table)
+    )
     mode, plen_max, pool, spk, spv = _prefix_args(prefix_k, prefix_v)
     plan = make_plan(
         batch=batch,
