@@ -23,7 +23,7 @@ from torch import Tensor
 
 from . import kernels
 from .reference import prefix_attention_reference
-from .validation import FLOAT_DTYPES, _check_tensor, _shape, check_backend_name, validate
+from .validation import FLOAT_DTYPES, _check_tensor, _shape, check_backend_name, validate, values_checked
 
 MAX_QUERY_LEN = 16
 
@@ -132,8 +132,7 @@ def validate_paged(
     )
 
     max_pages = block_table.shape[1]
-    check_values = validate_values if validate_values is not None else not q.is_cuda
-    if check_values and batch:
+    if values_checked(validate_values, q) and batch:
         capacity = max_pages * page_size
         lo, hi = int(seq_lens.min()), int(seq_lens.max())
         if lo < 0 or hi > capacity:
