@@ -87,7 +87,8 @@ def mask_sequence_scores(
     """
     if HAS_BIAS:
         bias = tl.load(
-            bias_base + rows_q * stride_bias_q + cols_k * stride_bias_k,
+            # 64-bit: Sq * Sk passes 2^31 at ~46K tokens (a dense sliding-window bias); only bias variants pay.
+            bias_base + rows_q.to(tl.int64) * stride_bias_q + cols_k.to(tl.int64) * stride_bias_k,
             mask=(rows_q < seq_q) & (cols_k < seq_k),
             other=0.0,
         )

@@ -145,14 +145,22 @@ def _prefix_partial_kernel(
                 s = w // items_per_seq
                 rem = w - s * items_per_seq
                 g = rem // tiles_m
-                rows = (rem - g * tiles_m) * BLOCK_M + offs_m
+                m0 = (rem - g * tiles_m) * BLOCK_M
+                rows = m0 + offs_m
+                # 64-bit row and head offsets: Sq * row stride (or Hq * head stride) may pass 2^31.
+                row0 = tl.cast(m0, tl.int64)
                 if POOLED:
                     b = tl.load(ORDER + s0 + s).to(tl.int64)
                 else:
                     b = tl.cast(s, tl.int64)
-                h = kvh * group + g
+                h = tl.cast(kvh * group + g, tl.int64)
                 q = load_rows(
-                    Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :],
+                    Q
+                    + b * stride_qb
+                    + h * stride_qh
+                    + row0 * stride_qm
+                    + offs_m[:, None] * stride_qm
+                    + offs_d[None, :],
                     rows,
                     seq_q,
                     offs_d,
@@ -161,7 +169,12 @@ def _prefix_partial_kernel(
                     True,
                 )
                 do = load_rows(
-                    DOUT + b * stride_dob + h * stride_doh + rows[:, None] * stride_dom + offs_d[None, :],
+                    DOUT
+                    + b * stride_dob
+                    + h * stride_doh
+                    + row0 * stride_dom
+                    + offs_m[:, None] * stride_dom
+                    + offs_d[None, :],
                     rows,
                     seq_q,
                     offs_d,
@@ -183,7 +196,12 @@ def _prefix_partial_kernel(
                 if FUSE_DQ:  # this work item's rows get the prefix block's share of dQ, once per prefix block
                     dq = tl.dot(tl.trans(ds_t.to(pk.dtype)), pk, input_precision=DOT_PREC) * scale
                     atomic_add_rows(
-                        DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqm + offs_d[None, :],
+                        DQ
+                        + b * stride_dqb
+                        + h * stride_dqh
+                        + row0 * stride_dqm
+                        + offs_m[:, None] * stride_dqm
+                        + offs_d[None, :],
                         dq,
                         rows,
                         seq_q,
@@ -230,6 +248,7 @@ def _prefix_reduce_kernel(
     pid_r = tl.program_id(0)
     kvh = tl.program_id(1)
     e = tl.program_id(2)
+    e64 = e.to(tl.int64)  # the gradient store: N * Hkv * P * D may pass 2^31
     s0, n_items, per = _chunk_layout(SEG_START, batch, items_per_seq, n_chunks, POOLED)
     if POOLED:
         e_lo = (tl.load(SEG_START + e).to(tl.int32) - s0) * items_per_seq
@@ -251,12 +270,12 @@ def _prefix_reduce_kernel(
         dk += tl.load(PART_K + slot + part, mask=mask, other=0.0)
         dv += tl.load(PART_V + slot + part, mask=mask, other=0.0)
     tl.store(
-        DPK + e * stride_dpke + kvh * stride_dpkh + offs_p[:, None] * stride_dpkn + offs_d[None, :],
+        DPK + e64 * stride_dpke + kvh * stride_dpkh + offs_p[:, None] * stride_dpkn + offs_d[None, :],
         dk.to(DPK.dtype.element_ty),
         mask=mask,
     )
     tl.store(
-        DPV + e * stride_dpve + kvh * stride_dpvh + offs_p[:, None] * stride_dpvn + offs_d[None, :],
+        DPV + e64 * stride_dpve + kvh * stride_dpvh + offs_p[:, None] * stride_dpvn + offs_d[None, :],
         dv.to(DPV.dtype.element_ty),
         mask=mask,
     )

@@ -73,10 +73,12 @@ def _prefix_merge_fwd_kernel(
     h64 = h.to(tl.int64)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m0_64 = (pid_m * BLOCK_M).to(tl.int64)  # 64-bit tile start: Sq * row stride may pass 2^31
+    rows_m = tl.arange(0, BLOCK_M)[:, None]
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     q = load_rows(
-        Q + b64 * stride_qb + h64 * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+        Q + b64 * stride_qb + h64 * stride_qh + m0_64 * stride_qm + rows_m * stride_qm + offs_d[None, :],
         offs_m,
         seq_q,
         offs_d,
@@ -93,7 +95,7 @@ def _prefix_merge_fwd_kernel(
     m_i = lse_seq * 1.4426950408889634
     l_i = tl.where(has_seq, 1.0, 0.0).to(ACC)
     acc = load_rows(
-        OSEQ + b64 * stride_osb + h64 * stride_osh + offs_m[:, None] * stride_osm + offs_d[None, :],
+        OSEQ + b64 * stride_osb + h64 * stride_osh + m0_64 * stride_osm + rows_m * stride_osm + offs_d[None, :],
         offs_m,
         seq_q,
         offs_d,
@@ -145,7 +147,7 @@ def _prefix_merge_fwd_kernel(
 
     out, lse = finish_rows(acc, m_i, l_i)
     store_rows(
-        OUT + b64 * stride_ob + h64 * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
+        OUT + b64 * stride_ob + h64 * stride_oh + m0_64 * stride_om + rows_m * stride_om + offs_d[None, :],
         out.to(OUT.dtype.element_ty),
         offs_m,
         seq_q,

@@ -79,8 +79,10 @@ def _bwd_preprocess_kernel(
     h = (pid_bh % heads_q).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
+    m0_64 = (pid_m * BLOCK_M).to(tl.int64)  # 64-bit tile start: Sq * row stride may pass 2^31
+    rows_m = tl.arange(0, BLOCK_M)[:, None]
     o = load_rows(
-        OUT + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + offs_d[None, :],
+        OUT + b * stride_ob + h * stride_oh + m0_64 * stride_om + rows_m * stride_om + offs_d[None, :],
         rows,
         seq_q,
         offs_d,
@@ -89,7 +91,7 @@ def _bwd_preprocess_kernel(
         True,
     ).to(ACC)
     do = load_rows(
-        DOUT + b * stride_dob + h * stride_doh + rows[:, None] * stride_dom + offs_d[None, :],
+        DOUT + b * stride_dob + h * stride_doh + m0_64 * stride_dom + rows_m * stride_dom + offs_d[None, :],
         rows,
         seq_q,
         offs_d,
@@ -247,10 +249,12 @@ def _bwd_dq_kernel(
 
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
+    m0_64 = m0.to(tl.int64)  # 64-bit tile start: Sq * row stride may pass 2^31; in-tile rows stay 32-bit
+    rows_m = tl.arange(0, BLOCK_M)[:, None]
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     q = load_rows(
-        Q + b64 * stride_qb + h64 * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+        Q + b64 * stride_qb + h64 * stride_qh + m0_64 * stride_qm + rows_m * stride_qm + offs_d[None, :],
         offs_m,
         seq_q,
         offs_d,
@@ -259,7 +263,7 @@ def _bwd_dq_kernel(
         True,
     )
     do = load_rows(
-        DOUT + b64 * stride_dob + h64 * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
+        DOUT + b64 * stride_dob + h64 * stride_doh + m0_64 * stride_dom + rows_m * stride_dom + offs_d[None, :],
         offs_m,
         seq_q,
         offs_d,
@@ -300,8 +304,8 @@ def _bwd_dq_kernel(
                 do,
                 lse2,
                 delta,
-                pk_ptrs + start * stride_pkn,
-                pv_ptrs + start * stride_pvn,
+                pk_ptrs + tl.cast(start, tl.int64) * stride_pkn,
+                pv_ptrs + tl.cast(start, tl.int64) * stride_pvn,
                 start + offs_n,
                 plen,
                 offs_m,
@@ -330,8 +334,8 @@ def _bwd_dq_kernel(
                 do,
                 lse2,
                 delta,
-                pk_ptrs + start * stride_pkn,
-                pv_ptrs + start * stride_pvn,
+                pk_ptrs + tl.cast(start, tl.int64) * stride_pkn,
+                pv_ptrs + tl.cast(start, tl.int64) * stride_pvn,
                 start + offs_n,
                 plen,
                 offs_m,
@@ -367,8 +371,8 @@ def _bwd_dq_kernel(
                 do,
                 lse2,
                 delta,
-                k_ptrs + start * stride_kn,
-                v_ptrs + start * stride_vn,
+                k_ptrs + tl.cast(start, tl.int64) * stride_kn,
+                v_ptrs + tl.cast(start, tl.int64) * stride_vn,
                 start + offs_n,
                 seq_k,
                 offs_m,
@@ -397,8 +401,8 @@ def _bwd_dq_kernel(
                 do,
                 lse2,
                 delta,
-                k_ptrs + start * stride_kn,
-                v_ptrs + start * stride_vn,
+                k_ptrs + tl.cast(start, tl.int64) * stride_kn,
+                v_ptrs + tl.cast(start, tl.int64) * stride_vn,
                 start + offs_n,
                 seq_k,
                 offs_m,
@@ -422,7 +426,7 @@ def _bwd_dq_kernel(
             )
 
     dq = dq * scale
-    dq_ptrs = DQ + b64 * stride_dqb + h64 * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :]
+    dq_ptrs = DQ + b64 * stride_dqb + h64 * stride_dqh + m0_64 * stride_dqm + rows_m * stride_dqm + offs_d[None, :]
     if ADD_DQ:
         dq += load_rows(dq_ptrs, offs_m, seq_q, offs_d, HEAD_DIM, BLOCK_D, True).to(ACC)
     store_rows(dq_ptrs, dq.to(DQ.dtype.element_ty), offs_m, seq_q, offs_d, HEAD_DIM, BLOCK_D)
@@ -562,10 +566,12 @@ def _bwd_dkdv_kernel(
 
     n0 = pid_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
+    n0_64 = n0.to(tl.int64)  # 64-bit tile start: Sk * row stride may pass 2^31; in-tile rows stay 32-bit
+    rows_n = tl.arange(0, BLOCK_N)[:, None]
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     k = load_rows(
-        K + b64 * stride_kb + kvh.to(tl.int64) * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+        K + b64 * stride_kb + kvh.to(tl.int64) * stride_kh + n0_64 * stride_kn + rows_n * stride_kn + offs_d[None, :],
         offs_n,
         seq_k,
         offs_d,
@@ -574,7 +580,7 @@ def _bwd_dkdv_kernel(
         True,
     )
     v = load_rows(
-        V + b64 * stride_vb + kvh.to(tl.int64) * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
+        V + b64 * stride_vb + kvh.to(tl.int64) * stride_vh + n0_64 * stride_vn + rows_n * stride_vn + offs_d[None, :],
         offs_n,
         seq_k,
         offs_d,
@@ -611,11 +617,11 @@ def _bwd_dkdv_kernel(
                 dv,
                 k,
                 v,
-                q_ptrs + start * stride_qm,
-                do_ptrs + start * stride_dom,
+                q_ptrs + tl.cast(start, tl.int64) * stride_qm,
+                do_ptrs + tl.cast(start, tl.int64) * stride_dom,
                 LSE2 + stat_base + start + offs_m,
                 DELTA + stat_base + start + offs_m,
-                dq_ptrs + start * stride_dqm,
+                dq_ptrs + tl.cast(start, tl.int64) * stride_dqm,
                 dq_keep,
                 start + offs_m,
                 offs_n,
@@ -640,11 +646,11 @@ def _bwd_dkdv_kernel(
                 dv,
                 k,
                 v,
-                q_ptrs + start * stride_qm,
-                do_ptrs + start * stride_dom,
+                q_ptrs + tl.cast(start, tl.int64) * stride_qm,
+                do_ptrs + tl.cast(start, tl.int64) * stride_dom,
                 LSE2 + stat_base + start + offs_m,
                 DELTA + stat_base + start + offs_m,
-                dq_ptrs + start * stride_dqm,
+                dq_ptrs + tl.cast(start, tl.int64) * stride_dqm,
                 dq_keep,
                 start + offs_m,
                 offs_n,
@@ -670,7 +676,12 @@ def _bwd_dkdv_kernel(
         dk = tl.where(keep[:, None] != 0, dk, 0.0)
         dv = tl.where(keep[:, None] != 0, dv, 0.0)
     store_rows(
-        DK + b64 * stride_dkb + kvh.to(tl.int64) * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
+        DK
+        + b64 * stride_dkb
+        + kvh.to(tl.int64) * stride_dkh
+        + n0_64 * stride_dkn
+        + rows_n * stride_dkn
+        + offs_d[None, :],
         dk.to(DK.dtype.element_ty),
         offs_n,
         seq_k,
@@ -679,7 +690,12 @@ def _bwd_dkdv_kernel(
         BLOCK_D,
     )
     store_rows(
-        DV + b64 * stride_dvb + kvh.to(tl.int64) * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
+        DV
+        + b64 * stride_dvb
+        + kvh.to(tl.int64) * stride_dvh
+        + n0_64 * stride_dvn
+        + rows_n * stride_dvn
+        + offs_d[None, :],
         dv.to(DV.dtype.element_ty),
         offs_n,
         seq_k,

@@ -126,8 +126,8 @@ def prefix_tiles(
             m_i,
             l_i,
             q,
-            pk_ptrs + start * stride_pkn,
-            pv_ptrs + start * stride_pvn,
+            pk_ptrs + tl.cast(start, tl.int64) * stride_pkn,
+            pv_ptrs + tl.cast(start, tl.int64) * stride_pvn,
             start + offs_n,
             plen,
             offs_m,
@@ -155,8 +155,8 @@ def prefix_tiles(
             m_i,
             l_i,
             q,
-            pk_ptrs + start * stride_pkn,
-            pv_ptrs + start * stride_pvn,
+            pk_ptrs + tl.cast(start, tl.int64) * stride_pkn,
+            pv_ptrs + tl.cast(start, tl.int64) * stride_pvn,
             start + offs_n,
             plen,
             offs_m,
@@ -248,10 +248,13 @@ def _prefix_attention_fwd_kernel(
 
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
+    # Row offsets: the tile start as a 64-bit scalar (Sq * row stride may pass 2^31), in-tile rows 32-bit.
+    m0_64 = m0.to(tl.int64)
+    rows_m = tl.arange(0, BLOCK_M)[:, None]
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
 
-    q_ptrs = Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
+    q_ptrs = Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + m0_64 * stride_qm + rows_m * stride_qm + offs_d[None, :]
     q = load_rows(q_ptrs, offs_m, seq_q, offs_d, HEAD_DIM, BLOCK_D, True)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
@@ -312,8 +315,8 @@ def _prefix_attention_fwd_kernel(
             m_i,
             l_i,
             q,
-            k_ptrs + start * stride_kn,
-            v_ptrs + start * stride_vn,
+            k_ptrs + tl.cast(start, tl.int64) * stride_kn,
+            v_ptrs + tl.cast(start, tl.int64) * stride_vn,
             start + offs_n,
             seq_k,
             offs_m,
@@ -341,8 +344,8 @@ def _prefix_attention_fwd_kernel(
             m_i,
             l_i,
             q,
-            k_ptrs + start * stride_kn,
-            v_ptrs + start * stride_vn,
+            k_ptrs + tl.cast(start, tl.int64) * stride_kn,
+            v_ptrs + tl.cast(start, tl.int64) * stride_vn,
             start + offs_n,
             seq_k,
             offs_m,
@@ -366,7 +369,9 @@ def _prefix_attention_fwd_kernel(
         )
 
     out, lse = finish_rows(acc, m_i, l_i)
-    o_ptrs = OUT + b64 * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
+    o_ptrs = (
+        OUT + b64 * stride_ob + h.to(tl.int64) * stride_oh + m0_64 * stride_om + rows_m * stride_om + offs_d[None, :]
+    )
     store_rows(o_ptrs, out.to(OUT.dtype.element_ty), offs_m, seq_q, offs_d, HEAD_DIM, BLOCK_D)
     tl.store(LSE + pid_bh.to(tl.int64) * seq_q + offs_m, lse.to(LSE.dtype.element_ty), mask=offs_m < seq_q)
 
