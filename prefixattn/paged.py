@@ -23,7 +23,7 @@ from torch import Tensor
 
 from . import kernels
 from .reference import prefix_attention_reference
-from .validation import FLOAT_DTYPES, _check_tensor, _shape, check_backend_name, validate, values_checked
+from .validation import FLOAT_DTYPES, _check_tensor, _shape, check_backend_name, check_flag, validate, values_checked
 
 MAX_QUERY_LEN = 16
 
@@ -359,6 +359,7 @@ def prefix_attention_paged(
         backend=backend,
         validate_values=validate_values,
     )
+    check_flag("return_lse", return_lse)
     chosen = choose_backend(backend, problem, q, k_cache, block_table, prefix_k)
     if chosen == "torch":
         return paged_reference(

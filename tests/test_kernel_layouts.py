@@ -130,3 +130,32 @@ def test_paged_reads_strided_tables(path):
     )
     assert rel_err(out, ref_out) < TOLERANCE[torch.float32]
     assert rel_err(lse, ref_lse) < TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize(
+    "backend, extra", [("triton", {}), ("triton", {"deterministic": False}), ("sdpa", {"deterministic": False})]
+)
+def test_64bit_offset_variants_match_the_reference(monkeypatch, backend, extra):
+    """The kernels' 64-bit offset variants (WIDE, and HAS_BIAS=2), chosen only past 2^31 elements, compute the same
+    function: forced here on small inputs by lowering the limit (tests/test_large_offsets.py crosses it on a GPU)."""
+    from prefixattn.kernels import _triton_common
+
+    monkeypatch.setattr(_triton_common, "INT32_LIMIT", 1)
+    assert _triton_common.offsets_need_64bit(torch.zeros(2))
+    dtype = torch.float64 if backend == "triton" else torch.float32
+    leaves = _leaves(dtype)
+    index, lengths = torch.tensor([2, -1, 0]), torch.tensor([5, 2, 4])
+    kw = dict(prefix_index=index, prefix_lengths=lengths, causal=backend == "triton", return_lse=True)
+    if backend == "triton":
+        kw["attn_bias"] = torch.randn(B, 1, 6, 7, dtype=dtype)
+        kw["key_padding_mask"] = torch.rand(B, 7) > 0.3
+    out, lse = prefix_attention(*leaves, backend=backend, **kw, **extra)
+    got = torch.autograd.grad((out, lse), leaves, (torch.ones_like(out), torch.ones_like(lse)))
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    ref_kw = {k: (v.double() if k == "attn_bias" else v) for k, v in kw.items()}
+    ref_out, ref_lse = prefix_attention(*ref_leaves, backend="torch", **ref_kw)
+    ref = torch.autograd.grad((ref_out, ref_lse), ref_leaves, (torch.ones_like(ref_out), torch.ones_like(ref_lse)))
+    tol = TOLERANCE[dtype]
+    assert rel_err(out, ref_out) < tol and rel_err(lse, ref_lse) < tol
+    for name, g, r in zip(("q", "k", "v", "prefix_k", "prefix_v"), got, ref):
+        assert rel_err(g, r) < tol, name

@@ -32,6 +32,26 @@ def tl_acc(dtype: torch.dtype):
 
 
 @triton.jit
+def row_offsets(row0, BLOCK: tl.constexpr, stride, WIDE: tl.constexpr):
+    """[BLOCK, 1] element offsets of rows row0 .. row0 + BLOCK - 1 along a dimension of this stride. WIDE: the
+    tile start is a 64-bit scalar (row0 * stride may pass 2^31; in-tile offsets stay 32-bit). Otherwise all
+    32-bit, as the launcher chooses when every offset of every tensor fits (offsets_need_64bit)."""
+    if WIDE:
+        return tl.cast(row0, tl.int64) * stride + tl.arange(0, BLOCK)[:, None] * stride
+    else:
+        return (row0 + tl.arange(0, BLOCK))[:, None] * stride
+
+
+@triton.jit
+def scalar_offset(i, stride, WIDE: tl.constexpr):
+    """i * stride, in 64 bits when WIDE (see row_offsets)."""
+    if WIDE:
+        return tl.cast(i, tl.int64) * stride
+    else:
+        return i * stride
+
+
+@triton.jit
 def load_rows(ptrs, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_ROWS: tl.constexpr):
     """Load a [rows, BLOCK_D] tile; rows >= n_rows (when MASK_ROWS) and the head-dim padding read as 0."""
     if MASK_ROWS:
@@ -86,9 +106,12 @@ def mask_sequence_scores(
     BOUND: keys >= seq_k. Padding is per key (True = real token).
     """
     if HAS_BIAS:
+        if HAS_BIAS == 2:  # 64-bit offsets: Sq * Sk passes 2^31 at ~46K tokens (a dense sliding-window bias)
+            bias_off = rows_q.to(tl.int64) * stride_bias_q + cols_k.to(tl.int64) * stride_bias_k
+        else:
+            bias_off = rows_q * stride_bias_q + cols_k * stride_bias_k
         bias = tl.load(
-            # 64-bit: Sq * Sk passes 2^31 at ~46K tokens (a dense sliding-window bias); only bias variants pay.
-            bias_base + rows_q.to(tl.int64) * stride_bias_q + cols_k.to(tl.int64) * stride_bias_k,
+            bias_base + bias_off,
             mask=(rows_q < seq_q) & (cols_k < seq_k),
             other=0.0,
         )
@@ -266,6 +289,26 @@ class PrefixArgs:
             pooled,
             prefix_lengths is not None,
         )
+
+
+INT32_LIMIT = 2**31
+
+
+def offsets_need_64bit(*tensors) -> bool:
+    """Whether an element offset into one of these tensors can pass the int32 range: its largest offset is
+    sum((size - 1) * |stride|). Kernels get WIDE=True then (64-bit tile starts); the common case keeps the
+    32-bit arithmetic, and so its registers. Pass attn_bias expanded to [B, Hq, Sq, Sk] (bias_mode does)."""
+    for t in tensors:
+        if t is not None and t.numel() and sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride())) >= INT32_LIMIT:
+            return True
+    return False
+
+
+def bias_mode(attn_bias: torch.Tensor | None, shape) -> int:
+    """HAS_BIAS for the kernels: 0 without a bias, 2 when its offsets need 64 bits (Sq * Sk >= 2^31), else 1."""
+    if attn_bias is None:
+        return 0
+    return 2 if offsets_need_64bit(attn_bias.expand(*shape)) else 1
 
 
 def bias_strides(attn_bias: torch.Tensor | None, shape) -> tuple:

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from ._layout import unit_stride_last
-from ._triton_common import LOG2E, PrefixArgs, atomic_add_rows, load_rows, tl_acc
+from ._triton_common import LOG2E, PrefixArgs, atomic_add_rows, load_rows, offsets_need_64bit, row_offsets, tl_acc
 from ._triton_config import KernelConfig, acc_dtype, dot_precision, head_dim_block
 
 # Each chunk of (prefix block x KV head) programs should fill ~2 waves of the GPU.
@@ -103,6 +103,7 @@ def _prefix_partial_kernel(
     ACC: tl.constexpr,
     DOT_PREC: tl.constexpr,
     FUSE_DQ: tl.constexpr,
+    WIDE: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -147,20 +148,15 @@ def _prefix_partial_kernel(
                 g = rem // tiles_m
                 m0 = (rem - g * tiles_m) * BLOCK_M
                 rows = m0 + offs_m
-                # 64-bit row and head offsets: Sq * row stride (or Hq * head stride) may pass 2^31.
-                row0 = tl.cast(m0, tl.int64)
                 if POOLED:
                     b = tl.load(ORDER + s0 + s).to(tl.int64)
                 else:
                     b = tl.cast(s, tl.int64)
-                h = tl.cast(kvh * group + g, tl.int64)
+                h = kvh * group + g
+                if WIDE:  # 64-bit head offsets too: Hq * head stride may pass 2^31
+                    h = tl.cast(h, tl.int64)
                 q = load_rows(
-                    Q
-                    + b * stride_qb
-                    + h * stride_qh
-                    + row0 * stride_qm
-                    + offs_m[:, None] * stride_qm
-                    + offs_d[None, :],
+                    Q + b * stride_qb + h * stride_qh + row_offsets(m0, BLOCK_M, stride_qm, WIDE) + offs_d[None, :],
                     rows,
                     seq_q,
                     offs_d,
@@ -172,8 +168,7 @@ def _prefix_partial_kernel(
                     DOUT
                     + b * stride_dob
                     + h * stride_doh
-                    + row0 * stride_dom
-                    + offs_m[:, None] * stride_dom
+                    + row_offsets(m0, BLOCK_M, stride_dom, WIDE)
                     + offs_d[None, :],
                     rows,
                     seq_q,
@@ -199,8 +194,7 @@ def _prefix_partial_kernel(
                         DQ
                         + b * stride_dqb
                         + h * stride_dqh
-                        + row0 * stride_dqm
-                        + offs_m[:, None] * stride_dqm
+                        + row_offsets(m0, BLOCK_M, stride_dqm, WIDE)
                         + offs_d[None, :],
                         dq,
                         rows,
@@ -433,6 +427,7 @@ def prefix_grads(
             ACC=tl_acc(q.dtype),
             DOT_PREC=dot_precision(q.dtype),
             FUSE_DQ=dq_acc is not None,
+            WIDE=offsets_need_64bit(q, dout, dq_acc, pre.k, pre.v),
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )

@@ -30,11 +30,15 @@ from ._triton_common import (
     LOG2E,
     PrefixArgs,
     atomic_add_rows,
+    bias_mode,
     bias_strides,
     load_rows,
     mask_sequence_scores,
+    offsets_need_64bit,
     padding_args,
     prefix_tile_ptrs,
+    row_offsets,
+    scalar_offset,
     sequence_tile_bounds,
     store_rows,
     tile_scores,
@@ -72,17 +76,17 @@ def _bwd_preprocess_kernel(
     BLOCK_M: tl.constexpr,
     HAS_DLSE: tl.constexpr,
     ACC: tl.constexpr,
+    WIDE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // heads_q).to(tl.int64)
     h = (pid_bh % heads_q).to(tl.int64)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m0 = pid_m * BLOCK_M
+    rows = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    m0_64 = (pid_m * BLOCK_M).to(tl.int64)  # 64-bit tile start: Sq * row stride may pass 2^31
-    rows_m = tl.arange(0, BLOCK_M)[:, None]
     o = load_rows(
-        OUT + b * stride_ob + h * stride_oh + m0_64 * stride_om + rows_m * stride_om + offs_d[None, :],
+        OUT + b * stride_ob + h * stride_oh + row_offsets(m0, BLOCK_M, stride_om, WIDE) + offs_d[None, :],
         rows,
         seq_q,
         offs_d,
@@ -91,7 +95,7 @@ def _bwd_preprocess_kernel(
         True,
     ).to(ACC)
     do = load_rows(
-        DOUT + b * stride_dob + h * stride_doh + m0_64 * stride_dom + rows_m * stride_dom + offs_d[None, :],
+        DOUT + b * stride_dob + h * stride_doh + row_offsets(m0, BLOCK_M, stride_dom, WIDE) + offs_d[None, :],
         rows,
         seq_q,
         offs_d,
@@ -234,6 +238,7 @@ def _bwd_dq_kernel(
     DOT_PREC: tl.constexpr,
     SEQ_KEYS: tl.constexpr = True,
     ADD_DQ: tl.constexpr = False,
+    WIDE: tl.constexpr = False,
 ):
     # SEQ_KEYS=False, ADD_DQ=True (the "sdpa" backend): only the prefix keys' share of dQ, added to the dq that
     # the vendor kernel computed for the sequence keys.
@@ -249,12 +254,10 @@ def _bwd_dq_kernel(
 
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
-    m0_64 = m0.to(tl.int64)  # 64-bit tile start: Sq * row stride may pass 2^31; in-tile rows stay 32-bit
-    rows_m = tl.arange(0, BLOCK_M)[:, None]
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     q = load_rows(
-        Q + b64 * stride_qb + h64 * stride_qh + m0_64 * stride_qm + rows_m * stride_qm + offs_d[None, :],
+        Q + b64 * stride_qb + h64 * stride_qh + row_offsets(m0, BLOCK_M, stride_qm, WIDE) + offs_d[None, :],
         offs_m,
         seq_q,
         offs_d,
@@ -263,7 +266,7 @@ def _bwd_dq_kernel(
         True,
     )
     do = load_rows(
-        DOUT + b64 * stride_dob + h64 * stride_doh + m0_64 * stride_dom + rows_m * stride_dom + offs_d[None, :],
+        DOUT + b64 * stride_dob + h64 * stride_doh + row_offsets(m0, BLOCK_M, stride_dom, WIDE) + offs_d[None, :],
         offs_m,
         seq_q,
         offs_d,
@@ -304,8 +307,8 @@ def _bwd_dq_kernel(
                 do,
                 lse2,
                 delta,
-                pk_ptrs + tl.cast(start, tl.int64) * stride_pkn,
-                pv_ptrs + tl.cast(start, tl.int64) * stride_pvn,
+                pk_ptrs + scalar_offset(start, stride_pkn, WIDE),
+                pv_ptrs + scalar_offset(start, stride_pvn, WIDE),
                 start + offs_n,
                 plen,
                 offs_m,
@@ -334,8 +337,8 @@ def _bwd_dq_kernel(
                 do,
                 lse2,
                 delta,
-                pk_ptrs + tl.cast(start, tl.int64) * stride_pkn,
-                pv_ptrs + tl.cast(start, tl.int64) * stride_pvn,
+                pk_ptrs + scalar_offset(start, stride_pkn, WIDE),
+                pv_ptrs + scalar_offset(start, stride_pvn, WIDE),
                 start + offs_n,
                 plen,
                 offs_m,
@@ -371,8 +374,8 @@ def _bwd_dq_kernel(
                 do,
                 lse2,
                 delta,
-                k_ptrs + tl.cast(start, tl.int64) * stride_kn,
-                v_ptrs + tl.cast(start, tl.int64) * stride_vn,
+                k_ptrs + scalar_offset(start, stride_kn, WIDE),
+                v_ptrs + scalar_offset(start, stride_vn, WIDE),
                 start + offs_n,
                 seq_k,
                 offs_m,
@@ -401,8 +404,8 @@ def _bwd_dq_kernel(
                 do,
                 lse2,
                 delta,
-                k_ptrs + tl.cast(start, tl.int64) * stride_kn,
-                v_ptrs + tl.cast(start, tl.int64) * stride_vn,
+                k_ptrs + scalar_offset(start, stride_kn, WIDE),
+                v_ptrs + scalar_offset(start, stride_vn, WIDE),
                 start + offs_n,
                 seq_k,
                 offs_m,
@@ -426,7 +429,7 @@ def _bwd_dq_kernel(
             )
 
     dq = dq * scale
-    dq_ptrs = DQ + b64 * stride_dqb + h64 * stride_dqh + m0_64 * stride_dqm + rows_m * stride_dqm + offs_d[None, :]
+    dq_ptrs = DQ + b64 * stride_dqb + h64 * stride_dqh + row_offsets(m0, BLOCK_M, stride_dqm, WIDE) + offs_d[None, :]
     if ADD_DQ:
         dq += load_rows(dq_ptrs, offs_m, seq_q, offs_d, HEAD_DIM, BLOCK_D, True).to(ACC)
     store_rows(dq_ptrs, dq.to(DQ.dtype.element_ty), offs_m, seq_q, offs_d, HEAD_DIM, BLOCK_D)
@@ -558,6 +561,7 @@ def _bwd_dkdv_kernel(
     ACC: tl.constexpr,
     DOT_PREC: tl.constexpr,
     FUSE_DQ: tl.constexpr,
+    WIDE: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -566,12 +570,14 @@ def _bwd_dkdv_kernel(
 
     n0 = pid_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
-    n0_64 = n0.to(tl.int64)  # 64-bit tile start: Sk * row stride may pass 2^31; in-tile rows stay 32-bit
-    rows_n = tl.arange(0, BLOCK_N)[:, None]
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     k = load_rows(
-        K + b64 * stride_kb + kvh.to(tl.int64) * stride_kh + n0_64 * stride_kn + rows_n * stride_kn + offs_d[None, :],
+        K
+        + b64 * stride_kb
+        + kvh.to(tl.int64) * stride_kh
+        + row_offsets(n0, BLOCK_N, stride_kn, WIDE)
+        + offs_d[None, :],
         offs_n,
         seq_k,
         offs_d,
@@ -580,7 +586,11 @@ def _bwd_dkdv_kernel(
         True,
     )
     v = load_rows(
-        V + b64 * stride_vb + kvh.to(tl.int64) * stride_vh + n0_64 * stride_vn + rows_n * stride_vn + offs_d[None, :],
+        V
+        + b64 * stride_vb
+        + kvh.to(tl.int64) * stride_vh
+        + row_offsets(n0, BLOCK_N, stride_vn, WIDE)
+        + offs_d[None, :],
         offs_n,
         seq_k,
         offs_d,
@@ -617,11 +627,11 @@ def _bwd_dkdv_kernel(
                 dv,
                 k,
                 v,
-                q_ptrs + tl.cast(start, tl.int64) * stride_qm,
-                do_ptrs + tl.cast(start, tl.int64) * stride_dom,
+                q_ptrs + scalar_offset(start, stride_qm, WIDE),
+                do_ptrs + scalar_offset(start, stride_dom, WIDE),
                 LSE2 + stat_base + start + offs_m,
                 DELTA + stat_base + start + offs_m,
-                dq_ptrs + tl.cast(start, tl.int64) * stride_dqm,
+                dq_ptrs + scalar_offset(start, stride_dqm, WIDE),
                 dq_keep,
                 start + offs_m,
                 offs_n,
@@ -646,11 +656,11 @@ def _bwd_dkdv_kernel(
                 dv,
                 k,
                 v,
-                q_ptrs + tl.cast(start, tl.int64) * stride_qm,
-                do_ptrs + tl.cast(start, tl.int64) * stride_dom,
+                q_ptrs + scalar_offset(start, stride_qm, WIDE),
+                do_ptrs + scalar_offset(start, stride_dom, WIDE),
                 LSE2 + stat_base + start + offs_m,
                 DELTA + stat_base + start + offs_m,
-                dq_ptrs + tl.cast(start, tl.int64) * stride_dqm,
+                dq_ptrs + scalar_offset(start, stride_dqm, WIDE),
                 dq_keep,
                 start + offs_m,
                 offs_n,
@@ -679,8 +689,7 @@ def _bwd_dkdv_kernel(
         DK
         + b64 * stride_dkb
         + kvh.to(tl.int64) * stride_dkh
-        + n0_64 * stride_dkn
-        + rows_n * stride_dkn
+        + row_offsets(n0, BLOCK_N, stride_dkn, WIDE)
         + offs_d[None, :],
         dk.to(DK.dtype.element_ty),
         offs_n,
@@ -693,8 +702,7 @@ def _bwd_dkdv_kernel(
         DV
         + b64 * stride_dvb
         + kvh.to(tl.int64) * stride_dvh
-        + n0_64 * stride_dvn
-        + rows_n * stride_dvn
+        + row_offsets(n0, BLOCK_N, stride_dvn, WIDE)
         + offs_d[None, :],
         dv.to(DV.dtype.element_ty),
         offs_n,
@@ -744,6 +752,7 @@ def preprocess(dout, dlse, out, lse):
             BLOCK_M=_PREPROCESS_BLOCK_M,
             HAS_DLSE=dlse is not None,
             ACC=tl_acc(out.dtype),
+            WIDE=offsets_need_64bit(out, dout),
             num_warps=4,
         )
     return delta, lse2
@@ -824,11 +833,12 @@ def _launch_dq(
         POOLED=pre.pooled,
         HAS_LENGTHS=pre.has_lengths,
         HAS_PAD=key_padding_mask is not None,
-        HAS_BIAS=attn_bias is not None,
+        HAS_BIAS=bias_mode(attn_bias, (batch, heads_q, seq_q, seq_k)),
         ACC=tl_acc(q.dtype),
         DOT_PREC=dot_precision(q.dtype),
         SEQ_KEYS=seq_keys,
         ADD_DQ=add,
+        WIDE=offsets_need_64bit(q, k, v, dout, dq, pre.k, pre.v, key_padding_mask),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
@@ -978,10 +988,11 @@ def backward(
             BLOCK_N=cfg.block_n,
             CAUSAL=causal,
             HAS_PAD=key_padding_mask is not None,
-            HAS_BIAS=attn_bias is not None,
+            HAS_BIAS=bias_mode(attn_bias, (batch, heads_q, seq_q, seq_k)),
             ACC=acc,
             DOT_PREC=prec,
             FUSE_DQ=fuse_dq,
+            WIDE=offsets_need_64bit(q, k, v, dout, dk, dv, dq_acc, key_padding_mask),
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )
