@@ -322,4 +322,6 @@ def padding_args(key_padding_mask: torch.Tensor | None, dummy: torch.Tensor):
     """(uint8 view of the [B, Sk] mask, stride_b, stride_k): a zero-copy reinterpretation of the bools."""
     if key_padding_mask is None:
         return dummy, 0, 0
-    return key_padding_mask.view(torch.uint8), key_padding_mask.stride(0), key_padding_mask.stride(1)
+    # Key offsets into the mask are 32-bit (key index * stride < Sk): give it a unit key stride (a copy only if not).
+    mask = unit_stride_last(key_padding_mask).view(torch.uint8)
+    return mask, mask.stride(0), mask.stride(1)

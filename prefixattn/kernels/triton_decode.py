@@ -383,7 +383,7 @@ def _launch(
         cascade_programs = heads_kv * plan.cascade_tiles * plan.cascade_groups
     split_programs = batch * heads_kv * plan.m_tiles * plan.num_splits
 
-    kpm = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else None
+    kpm = unit_stride_last(key_padding_mask).view(torch.uint8) if key_padding_mask is not None else None
     skb, skh, sks = k_strides
     svb, svh, svs = v_strides
     cfg = plan.config
