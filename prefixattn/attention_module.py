@@ -12,11 +12,13 @@ to the query dtype at each call (a tiny, differentiable copy).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
 from .ops import prefix_attention
-from .validation import check_backend_name
+from .validation import _check_tensor, check_backend_name, check_flag, check_softmax_scale
 
 
 class PrefixAttention(nn.Module):
@@ -51,6 +53,16 @@ class PrefixAttention(nn.Module):
         if isinstance(prefix_length, bool) or not isinstance(prefix_length, int) or prefix_length < 0:
             raise ValueError(f"prefix_length: expected an int >= 0, got {prefix_length!r}")
         check_backend_name(backend)
+        check_flag("causal", causal)
+        check_flag("deterministic", deterministic)
+        if softmax_scale is not None:
+            check_softmax_scale(softmax_scale, head_dim)
+        if isinstance(init_std, bool) or not isinstance(init_std, (int, float)):
+            raise TypeError(f"init_std: expected a float, got {type(init_std).__name__}")
+        if not (math.isfinite(init_std) and init_std >= 0):
+            raise ValueError(f"init_std: expected a finite number >= 0, got {init_std!r}")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype: expected a floating torch.dtype for the owned prefix, got {dtype!r}")
         self.num_kv_heads, self.head_dim, self.prefix_length = num_kv_heads, head_dim, prefix_length
         self.causal, self.softmax_scale, self.backend = causal, softmax_scale, backend
         self.deterministic = deterministic
@@ -87,9 +99,14 @@ class PrefixAttention(nn.Module):
         prefix: (prefix_k, prefix_v) to use instead of the owned one: [Hkv, P, D] shared, or a pool
         [N, Hkv, P, D] with prefix_index [B] (-1 = none) and optional prefix_lengths [N].
         """
+        _check_tensor("q", q)  # its dtype is read below, before prefix_attention checks the rest
         if prefix is not None:
-            if not isinstance(prefix, (tuple, list)) or len(prefix) != 2:
-                raise TypeError(f"prefix: expected a (prefix_k, prefix_v) pair, got {type(prefix).__name__}")
+            if (
+                not isinstance(prefix, (tuple, list))
+                or len(prefix) != 2
+                or not all(isinstance(t, Tensor) for t in prefix)
+            ):
+                raise TypeError(f"prefix: expected a (prefix_k, prefix_v) pair of tensors, got {type(prefix).__name__}")
             pk, pv = prefix
         else:
             pk, pv = self.prefix_k, self.prefix_v

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from . import kernels
 from .reference import prefix_attention_reference
-from .validation import validate
+from .validation import check_flag, validate
 
 
 @torch.library.custom_op("prefixattn::attention_fwd", mutates_args=(), device_types=None)
@@ -260,6 +260,7 @@ def prefix_attention(
         raise ValueError(f"dropout_p: expected a float in [0, 1), got {dropout_p!r}")
     if not isinstance(deterministic, bool):
         raise TypeError(f"deterministic: expected a bool, got {type(deterministic).__name__} {deterministic!r}")
+    check_flag("return_lse", return_lse)
     needs_grad = _needs_grad(q, k, v, prefix_k, prefix_v)
     bias_needs_grad = _needs_grad(attn_bias)
     chosen = kernels.choose(

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from . import kernels
 from .reference import prefix_attention_reference
-from .validation import FLOAT_DTYPES, _check_tensor, _shape, check_backend_name, validate
+from .validation import FLOAT_DTYPES, _check_tensor, _shape, check_backend_name, check_flag, validate, values_checked
 
 MAX_QUERY_LEN = 16
 
@@ -132,8 +132,7 @@ def validate_paged(
     )
 
     max_pages = block_table.shape[1]
-    check_values = validate_values if validate_values is not None else not q.is_cuda
-    if check_values and batch:
+    if values_checked(validate_values, q) and batch:
         capacity = max_pages * page_size
         lo, hi = int(seq_lens.min()), int(seq_lens.max())
         if lo < 0 or hi > capacity:
@@ -310,6 +309,7 @@ def prefix_attention_paged(
         backend=backend,
         validate_values=validate_values,
     )
+    check_flag("return_lse", return_lse)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k_cache, v_cache, prefix_k, prefix_v)
     )

@@ -130,7 +130,10 @@ def prefix_attention_reference(
         values = torch.cat([rep(pv), values], dim=-2)
 
     # Softmax that is exact for rows with nothing to attend: zeros out, lse = -inf, finite gradients.
-    row_max = scores.amax(dim=-1, keepdim=True)
+    if scores.shape[-1]:
+        row_max = scores.amax(dim=-1, keepdim=True)
+    else:  # no keys at all (Sk = 0 and no prefix): every row is empty; amax has nothing to reduce
+        row_max = scores.new_full((*scores.shape[:-1], 1), float("-inf"))
     empty = torch.isinf(row_max) & (row_max < 0)
     row_max = torch.where(empty, torch.zeros_like(row_max), row_max).detach()
     weights = torch.exp(scores - row_max)

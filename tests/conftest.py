@@ -12,6 +12,13 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # Import Triton now, while TRITON_INTERPRET is set: its standard library (tl.zeros, ...) is built for the
+    # interpreter only if the first import sees the variable, and a test that sets it to 0 (to check that the
+    # backend is refused) may otherwise be the first to import it, breaking every later kernel in the process.
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        pass
 
 
 def pytest_collection_modifyitems(config, items):

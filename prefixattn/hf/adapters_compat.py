@@ -20,6 +20,7 @@ import torch
 from ..tuning.adapter import LOCATIONS, PrefixAdapter
 from ..tuning.config import PrefixTuningConfig
 from ..tuning.io import load_checked_state, plan_adapter
+from ..validation import check_flag
 from . import attention as attn
 from .checkpoint_files import find_weights, read_json, read_tensors, require_dir
 from .install import get_store, install_adapter
@@ -228,5 +229,8 @@ def load_adapters_prefix(model, path, adapter_name: str | None = None, *, set_ac
     `adapter_name` (default: the name saved in the checkpoint). Everything is read and checked before the
     model changes. Returns the adapter's name."""
     store = get_store(model)
+    if adapter_name is not None and (not isinstance(adapter_name, str) or not adapter_name):
+        raise TypeError(f"adapter_name: expected a non-empty str or None, got {adapter_name!r}")
+    check_flag("set_active", set_active)
     adapter = read_adapters_checkpoint(model, path, adapter_name)
     return install_adapter(store, adapter, set_active)

@@ -11,6 +11,7 @@ save_pretrained and `type(model)` stay as they were).
 from __future__ import annotations
 
 import contextlib
+import os
 import types
 
 import torch
@@ -20,7 +21,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from ..tuning import io as tuning_io
 from ..tuning.config import PrefixTuningConfig
 from ..tuning.store import PrefixStore
-from ..validation import check_backend_name
+from ..validation import check_backend_name, check_flag
 from . import attention as attn
 from . import positions
 from .families import entry_modules, find_sites
@@ -37,6 +38,12 @@ def get_store(model) -> PrefixStore:
             f"{type(model).__name__} was not prepared for prefix tuning; call prefixattn.init(model) first"
         )
     return store
+
+
+def check_path(name: str, path) -> None:
+    """A checkpoint directory argument: a str or os.PathLike (its existence is the reader's to check)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{name}: expected a directory path (str or os.PathLike), got {type(path).__name__}")
 
 
 def get_flat_prefix(model, name: str) -> dict:
@@ -220,6 +227,10 @@ def add_adapter(
     """
     store = get_store(self)
     config = PrefixTuningConfig.coerce(config)
+    check_flag("overwrite_ok", overwrite_ok)
+    check_flag("set_active", set_active)
+    if metadata is not None and not isinstance(metadata, dict):
+        raise TypeError(f"metadata: expected a dict or None, got {type(metadata).__name__}")
     positions.check_metadata(self, metadata, "add_adapter")
     check_offset_fits(self, metadata, "add_adapter")
     if overwrite_ok and isinstance(adapter_name, str) and adapter_name in store.adapters:
@@ -275,6 +286,10 @@ def load_adapter(self, adapter_name_or_path: str, load_as: str | None = None, se
     """Load an adapter saved by save_adapter; returns its name. Everything is read and checked against this
     model before the model changes, so a bad checkpoint leaves the model as it was."""
     store = get_store(self)
+    check_path("adapter_name_or_path", adapter_name_or_path)
+    if load_as is not None and (not isinstance(load_as, str) or not load_as):
+        raise TypeError(f"load_as: expected a non-empty str or None, got {load_as!r}")
+    check_flag("set_active", set_active)
     adapter = tuning_io.read_adapter(adapter_name_or_path, store.geometry, name=load_as)
     store.check_new_name(adapter.name)
     positions.check_metadata(self, adapter.metadata, "load_adapter")

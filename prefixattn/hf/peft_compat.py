@@ -30,6 +30,7 @@ from torch import Tensor
 
 from ..tuning.adapter import CROSS, ENCODER, SELF, PrefixAdapter
 from ..tuning.config import PrefixTuningConfig
+from ..validation import check_flag
 from . import positions as pos
 from .checkpoint_files import find_weights, read_json, read_tensors, require_dir
 from .install import get_store, install_adapter
@@ -227,6 +228,7 @@ def load_peft_prefix(model, path, adapter_name: str, *, positions: str = "peft",
     who = "load_peft_prefix"
     store = get_store(model)
     store.check_new_name(adapter_name)
+    check_flag("set_active", set_active)
     _check_positions(positions)
     cfg, prefix, layers = read_peft_checkpoint(path, store.geometry, who)
     p = prefix.shape[3]

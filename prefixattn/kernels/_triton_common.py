@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from . import triton_interpreting
+from ._layout import unit_stride_last
 
 if triton_interpreting():
     from . import _triton_interpreter
@@ -28,6 +29,26 @@ LOG2E = 1.4426950408889634  # log2(e); inside @triton.jit code the literal is wr
 
 def tl_acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+@triton.jit
+def row_offsets(row0, BLOCK: tl.constexpr, stride, WIDE: tl.constexpr):
+    """[BLOCK, 1] element offsets of rows row0 .. row0 + BLOCK - 1 along a dimension of this stride. WIDE: the
+    tile start is a 64-bit scalar (row0 * stride may pass 2^31; in-tile offsets stay 32-bit). Otherwise all
+    32-bit, as the launcher chooses when every offset of every tensor fits (offsets_need_64bit)."""
+    if WIDE:
+        return tl.cast(row0, tl.int64) * stride + tl.arange(0, BLOCK)[:, None] * stride
+    else:
+        return (row0 + tl.arange(0, BLOCK))[:, None] * stride
+
+
+@triton.jit
+def scalar_offset(i, stride, WIDE: tl.constexpr):
+    """i * stride, in 64 bits when WIDE (see row_offsets)."""
+    if WIDE:
+        return tl.cast(i, tl.int64) * stride
+    else:
+        return i * stride
 
 
 @triton.jit
@@ -85,8 +106,12 @@ def mask_sequence_scores(
     BOUND: keys >= seq_k. Padding is per key (True = real token).
     """
     if HAS_BIAS:
+        if HAS_BIAS == 2:  # 64-bit offsets: Sq * Sk passes 2^31 at ~46K tokens (a dense sliding-window bias)
+            bias_off = rows_q.to(tl.int64) * stride_bias_q + cols_k.to(tl.int64) * stride_bias_k
+        else:
+            bias_off = rows_q * stride_bias_q + cols_k * stride_bias_k
         bias = tl.load(
-            bias_base + rows_q * stride_bias_q + cols_k * stride_bias_k,
+            bias_base + bias_off,
             mask=(rows_q < seq_q) & (cols_k < seq_k),
             other=0.0,
         )
@@ -254,8 +279,8 @@ class PrefixArgs:
         return PrefixArgs(
             prefix_k,
             prefix_v,
-            prefix_index if pooled else dummy,
-            prefix_lengths if prefix_lengths is not None else dummy,
+            unit_stride_last(prefix_index) if pooled else dummy,  # the kernels read index vectors densely
+            unit_stride_last(prefix_lengths) if prefix_lengths is not None else dummy,
             strides(prefix_k),
             strides(prefix_v),
             prefix_k.shape[-2],
@@ -264,6 +289,26 @@ class PrefixArgs:
             pooled,
             prefix_lengths is not None,
         )
+
+
+INT32_LIMIT = 2**31
+
+
+def offsets_need_64bit(*tensors) -> bool:
+    """Whether an element offset into one of these tensors can pass the int32 range: its largest offset is
+    sum((size - 1) * |stride|). Kernels get WIDE=True then (64-bit tile starts); the common case keeps the
+    32-bit arithmetic, and so its registers. Pass attn_bias expanded to [B, Hq, Sq, Sk] (bias_mode does)."""
+    for t in tensors:
+        if t is not None and t.numel() and sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride())) >= INT32_LIMIT:
+            return True
+    return False
+
+
+def bias_mode(attn_bias: torch.Tensor | None, shape) -> int:
+    """HAS_BIAS for the kernels: 0 without a bias, 2 when its offsets need 64 bits (Sq * Sk >= 2^31), else 1."""
+    if attn_bias is None:
+        return 0
+    return 2 if offsets_need_64bit(attn_bias.expand(*shape)) else 1
 
 
 def bias_strides(attn_bias: torch.Tensor | None, shape) -> tuple:
@@ -277,4 +322,6 @@ def padding_args(key_padding_mask: torch.Tensor | None, dummy: torch.Tensor):
     """(uint8 view of the [B, Sk] mask, stride_b, stride_k): a zero-copy reinterpretation of the bools."""
     if key_padding_mask is None:
         return dummy, 0, 0
-    return key_padding_mask.view(torch.uint8), key_padding_mask.stride(0), key_padding_mask.stride(1)
+    # Key offsets into the mask are 32-bit (key index * stride < Sk): give it a unit key stride (a copy only if not).
+    mask = unit_stride_last(key_padding_mask).view(torch.uint8)
+    return mask, mask.stride(0), mask.stride(1)

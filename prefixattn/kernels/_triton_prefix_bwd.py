@@ -29,7 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import LOG2E, PrefixArgs, atomic_add_rows, load_rows, tl_acc
+from ._layout import unit_stride_last
+from ._triton_common import LOG2E, PrefixArgs, atomic_add_rows, load_rows, offsets_need_64bit, row_offsets, tl_acc
 from ._triton_config import KernelConfig, acc_dtype, dot_precision, head_dim_block
 
 # Each chunk of (prefix block x KV head) programs should fill ~2 waves of the GPU.
@@ -102,6 +103,7 @@ def _prefix_partial_kernel(
     ACC: tl.constexpr,
     DOT_PREC: tl.constexpr,
     FUSE_DQ: tl.constexpr,
+    WIDE: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -144,14 +146,17 @@ def _prefix_partial_kernel(
                 s = w // items_per_seq
                 rem = w - s * items_per_seq
                 g = rem // tiles_m
-                rows = (rem - g * tiles_m) * BLOCK_M + offs_m
+                m0 = (rem - g * tiles_m) * BLOCK_M
+                rows = m0 + offs_m
                 if POOLED:
                     b = tl.load(ORDER + s0 + s).to(tl.int64)
                 else:
                     b = tl.cast(s, tl.int64)
                 h = kvh * group + g
+                if WIDE:  # 64-bit head offsets too: Hq * head stride may pass 2^31
+                    h = tl.cast(h, tl.int64)
                 q = load_rows(
-                    Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :],
+                    Q + b * stride_qb + h * stride_qh + row_offsets(m0, BLOCK_M, stride_qm, WIDE) + offs_d[None, :],
                     rows,
                     seq_q,
                     offs_d,
@@ -160,7 +165,11 @@ def _prefix_partial_kernel(
                     True,
                 )
                 do = load_rows(
-                    DOUT + b * stride_dob + h * stride_doh + rows[:, None] * stride_dom + offs_d[None, :],
+                    DOUT
+                    + b * stride_dob
+                    + h * stride_doh
+                    + row_offsets(m0, BLOCK_M, stride_dom, WIDE)
+                    + offs_d[None, :],
                     rows,
                     seq_q,
                     offs_d,
@@ -182,7 +191,11 @@ def _prefix_partial_kernel(
                 if FUSE_DQ:  # this work item's rows get the prefix block's share of dQ, once per prefix block
                     dq = tl.dot(tl.trans(ds_t.to(pk.dtype)), pk, input_precision=DOT_PREC) * scale
                     atomic_add_rows(
-                        DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqm + offs_d[None, :],
+                        DQ
+                        + b * stride_dqb
+                        + h * stride_dqh
+                        + row_offsets(m0, BLOCK_M, stride_dqm, WIDE)
+                        + offs_d[None, :],
                         dq,
                         rows,
                         seq_q,
@@ -229,6 +242,7 @@ def _prefix_reduce_kernel(
     pid_r = tl.program_id(0)
     kvh = tl.program_id(1)
     e = tl.program_id(2)
+    e64 = e.to(tl.int64)  # the gradient store: N * Hkv * P * D may pass 2^31
     s0, n_items, per = _chunk_layout(SEG_START, batch, items_per_seq, n_chunks, POOLED)
     if POOLED:
         e_lo = (tl.load(SEG_START + e).to(tl.int32) - s0) * items_per_seq
@@ -250,12 +264,12 @@ def _prefix_reduce_kernel(
         dk += tl.load(PART_K + slot + part, mask=mask, other=0.0)
         dv += tl.load(PART_V + slot + part, mask=mask, other=0.0)
     tl.store(
-        DPK + e * stride_dpke + kvh * stride_dpkh + offs_p[:, None] * stride_dpkn + offs_d[None, :],
+        DPK + e64 * stride_dpke + kvh * stride_dpkh + offs_p[:, None] * stride_dpkn + offs_d[None, :],
         dk.to(DPK.dtype.element_ty),
         mask=mask,
     )
     tl.store(
-        DPV + e * stride_dpve + kvh * stride_dpvh + offs_p[:, None] * stride_dpvn + offs_d[None, :],
+        DPV + e64 * stride_dpve + kvh * stride_dpvh + offs_p[:, None] * stride_dpvn + offs_d[None, :],
         dv.to(DPV.dtype.element_ty),
         mask=mask,
     )
@@ -342,6 +356,7 @@ def prefix_grads(
     dpv = torch.empty_like(pre.v)
     if dpk.numel() == 0:
         return dpk, dpv
+    dout = unit_stride_last(dout)
     p = plan(
         batch=batch,
         heads_q=heads_q,
@@ -412,6 +427,7 @@ def prefix_grads(
             ACC=tl_acc(q.dtype),
             DOT_PREC=dot_precision(q.dtype),
             FUSE_DQ=dq_acc is not None,
+            WIDE=offsets_need_64bit(q, dout, dq_acc, pre.k, pre.v),
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )

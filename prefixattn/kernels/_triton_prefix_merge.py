@@ -15,7 +15,18 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import LOG2E, PrefixArgs, finish_rows, load_rows, prefix_tile_ptrs, store_rows, tl_acc
+from ._layout import unit_stride_last
+from ._triton_common import (
+    LOG2E,
+    PrefixArgs,
+    finish_rows,
+    load_rows,
+    offsets_need_64bit,
+    prefix_tile_ptrs,
+    row_offsets,
+    store_rows,
+    tl_acc,
+)
 from ._triton_config import acc_dtype, config_for, dot_precision, head_dim_block
 from .triton_fwd import prefix_tiles
 
@@ -62,6 +73,7 @@ def _prefix_merge_fwd_kernel(
     HAS_LENGTHS: tl.constexpr,
     ACC: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    WIDE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -71,11 +83,12 @@ def _prefix_merge_fwd_kernel(
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     q = load_rows(
-        Q + b64 * stride_qb + h64 * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+        Q + b64 * stride_qb + h64 * stride_qh + row_offsets(m0, BLOCK_M, stride_qm, WIDE) + offs_d[None, :],
         offs_m,
         seq_q,
         offs_d,
@@ -92,7 +105,7 @@ def _prefix_merge_fwd_kernel(
     m_i = lse_seq * 1.4426950408889634
     l_i = tl.where(has_seq, 1.0, 0.0).to(ACC)
     acc = load_rows(
-        OSEQ + b64 * stride_osb + h64 * stride_osh + offs_m[:, None] * stride_osm + offs_d[None, :],
+        OSEQ + b64 * stride_osb + h64 * stride_osh + row_offsets(m0, BLOCK_M, stride_osm, WIDE) + offs_d[None, :],
         offs_m,
         seq_q,
         offs_d,
@@ -140,11 +153,12 @@ def _prefix_merge_fwd_kernel(
         BLOCK_D,
         BLOCK_N,
         DOT_PREC,
+        WIDE,
     )
 
     out, lse = finish_rows(acc, m_i, l_i)
     store_rows(
-        OUT + b64 * stride_ob + h64 * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
+        OUT + b64 * stride_ob + h64 * stride_oh + row_offsets(m0, BLOCK_M, stride_om, WIDE) + offs_d[None, :],
         out.to(OUT.dtype.element_ty),
         offs_m,
         seq_q,
@@ -178,6 +192,7 @@ def merge_prefix(
         out.copy_(out_seq)
         lse.copy_(lse_seq)
         return out, lse
+    out_seq = unit_stride_last(out_seq)  # the vendor kernels' output: already dense unless a torch version changes it
     cfg = config_for("fwd", head_dim, q.dtype)
     # A short prefix gets a narrower key tile (the training table's 128 would be mostly masked at P = 16).
     block_n = min(cfg.block_n, max(16, triton.next_power_of_2(pre.length)))
@@ -219,6 +234,7 @@ def merge_prefix(
         HAS_LENGTHS=pre.has_lengths,
         ACC=tl_acc(q.dtype),
         DOT_PREC=dot_precision(q.dtype),
+        WIDE=offsets_need_64bit(q, out_seq, out, pre.k, pre.v),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )

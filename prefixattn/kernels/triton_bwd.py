@@ -25,15 +25,20 @@ import triton
 import triton.language as tl
 
 from . import _triton_prefix_bwd
+from ._layout import unit_stride_last
 from ._triton_common import (
     LOG2E,
     PrefixArgs,
     atomic_add_rows,
+    bias_mode,
     bias_strides,
     load_rows,
     mask_sequence_scores,
+    offsets_need_64bit,
     padding_args,
     prefix_tile_ptrs,
+    row_offsets,
+    scalar_offset,
     sequence_tile_bounds,
     store_rows,
     tile_scores,
@@ -71,15 +76,17 @@ def _bwd_preprocess_kernel(
     BLOCK_M: tl.constexpr,
     HAS_DLSE: tl.constexpr,
     ACC: tl.constexpr,
+    WIDE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // heads_q).to(tl.int64)
     h = (pid_bh % heads_q).to(tl.int64)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m0 = pid_m * BLOCK_M
+    rows = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     o = load_rows(
-        OUT + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + offs_d[None, :],
+        OUT + b * stride_ob + h * stride_oh + row_offsets(m0, BLOCK_M, stride_om, WIDE) + offs_d[None, :],
         rows,
         seq_q,
         offs_d,
@@ -88,7 +95,7 @@ def _bwd_preprocess_kernel(
         True,
     ).to(ACC)
     do = load_rows(
-        DOUT + b * stride_dob + h * stride_doh + rows[:, None] * stride_dom + offs_d[None, :],
+        DOUT + b * stride_dob + h * stride_doh + row_offsets(m0, BLOCK_M, stride_dom, WIDE) + offs_d[None, :],
         rows,
         seq_q,
         offs_d,
@@ -231,6 +238,7 @@ def _bwd_dq_kernel(
     DOT_PREC: tl.constexpr,
     SEQ_KEYS: tl.constexpr = True,
     ADD_DQ: tl.constexpr = False,
+    WIDE: tl.constexpr = False,
 ):
     # SEQ_KEYS=False, ADD_DQ=True (the "sdpa" backend): only the prefix keys' share of dQ, added to the dq that
     # the vendor kernel computed for the sequence keys.
@@ -249,7 +257,7 @@ def _bwd_dq_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     q = load_rows(
-        Q + b64 * stride_qb + h64 * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+        Q + b64 * stride_qb + h64 * stride_qh + row_offsets(m0, BLOCK_M, stride_qm, WIDE) + offs_d[None, :],
         offs_m,
         seq_q,
         offs_d,
@@ -258,7 +266,7 @@ def _bwd_dq_kernel(
         True,
     )
     do = load_rows(
-        DOUT + b64 * stride_dob + h64 * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
+        DOUT + b64 * stride_dob + h64 * stride_doh + row_offsets(m0, BLOCK_M, stride_dom, WIDE) + offs_d[None, :],
         offs_m,
         seq_q,
         offs_d,
@@ -299,8 +307,8 @@ def _bwd_dq_kernel(
                 do,
                 lse2,
                 delta,
-                pk_ptrs + start * stride_pkn,
-                pv_ptrs + start * stride_pvn,
+                pk_ptrs + scalar_offset(start, stride_pkn, WIDE),
+                pv_ptrs + scalar_offset(start, stride_pvn, WIDE),
                 start + offs_n,
                 plen,
                 offs_m,
@@ -329,8 +337,8 @@ def _bwd_dq_kernel(
                 do,
                 lse2,
                 delta,
-                pk_ptrs + start * stride_pkn,
-                pv_ptrs + start * stride_pvn,
+                pk_ptrs + scalar_offset(start, stride_pkn, WIDE),
+                pv_ptrs + scalar_offset(start, stride_pvn, WIDE),
                 start + offs_n,
                 plen,
                 offs_m,
@@ -366,8 +374,8 @@ def _bwd_dq_kernel(
                 do,
                 lse2,
                 delta,
-                k_ptrs + start * stride_kn,
-                v_ptrs + start * stride_vn,
+                k_ptrs + scalar_offset(start, stride_kn, WIDE),
+                v_ptrs + scalar_offset(start, stride_vn, WIDE),
                 start + offs_n,
                 seq_k,
                 offs_m,
@@ -396,8 +404,8 @@ def _bwd_dq_kernel(
                 do,
                 lse2,
                 delta,
-                k_ptrs + start * stride_kn,
-                v_ptrs + start * stride_vn,
+                k_ptrs + scalar_offset(start, stride_kn, WIDE),
+                v_ptrs + scalar_offset(start, stride_vn, WIDE),
                 start + offs_n,
                 seq_k,
                 offs_m,
@@ -421,7 +429,7 @@ def _bwd_dq_kernel(
             )
 
     dq = dq * scale
-    dq_ptrs = DQ + b64 * stride_dqb + h64 * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :]
+    dq_ptrs = DQ + b64 * stride_dqb + h64 * stride_dqh + row_offsets(m0, BLOCK_M, stride_dqm, WIDE) + offs_d[None, :]
     if ADD_DQ:
         dq += load_rows(dq_ptrs, offs_m, seq_q, offs_d, HEAD_DIM, BLOCK_D, True).to(ACC)
     store_rows(dq_ptrs, dq.to(DQ.dtype.element_ty), offs_m, seq_q, offs_d, HEAD_DIM, BLOCK_D)
@@ -553,6 +561,7 @@ def _bwd_dkdv_kernel(
     ACC: tl.constexpr,
     DOT_PREC: tl.constexpr,
     FUSE_DQ: tl.constexpr,
+    WIDE: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -564,7 +573,11 @@ def _bwd_dkdv_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     k = load_rows(
-        K + b64 * stride_kb + kvh.to(tl.int64) * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+        K
+        + b64 * stride_kb
+        + kvh.to(tl.int64) * stride_kh
+        + row_offsets(n0, BLOCK_N, stride_kn, WIDE)
+        + offs_d[None, :],
         offs_n,
         seq_k,
         offs_d,
@@ -573,7 +586,11 @@ def _bwd_dkdv_kernel(
         True,
     )
     v = load_rows(
-        V + b64 * stride_vb + kvh.to(tl.int64) * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
+        V
+        + b64 * stride_vb
+        + kvh.to(tl.int64) * stride_vh
+        + row_offsets(n0, BLOCK_N, stride_vn, WIDE)
+        + offs_d[None, :],
         offs_n,
         seq_k,
         offs_d,
@@ -610,11 +627,11 @@ def _bwd_dkdv_kernel(
                 dv,
                 k,
                 v,
-                q_ptrs + start * stride_qm,
-                do_ptrs + start * stride_dom,
+                q_ptrs + scalar_offset(start, stride_qm, WIDE),
+                do_ptrs + scalar_offset(start, stride_dom, WIDE),
                 LSE2 + stat_base + start + offs_m,
                 DELTA + stat_base + start + offs_m,
-                dq_ptrs + start * stride_dqm,
+                dq_ptrs + scalar_offset(start, stride_dqm, WIDE),
                 dq_keep,
                 start + offs_m,
                 offs_n,
@@ -639,11 +656,11 @@ def _bwd_dkdv_kernel(
                 dv,
                 k,
                 v,
-                q_ptrs + start * stride_qm,
-                do_ptrs + start * stride_dom,
+                q_ptrs + scalar_offset(start, stride_qm, WIDE),
+                do_ptrs + scalar_offset(start, stride_dom, WIDE),
                 LSE2 + stat_base + start + offs_m,
                 DELTA + stat_base + start + offs_m,
-                dq_ptrs + start * stride_dqm,
+                dq_ptrs + scalar_offset(start, stride_dqm, WIDE),
                 dq_keep,
                 start + offs_m,
                 offs_n,
@@ -669,7 +686,11 @@ def _bwd_dkdv_kernel(
         dk = tl.where(keep[:, None] != 0, dk, 0.0)
         dv = tl.where(keep[:, None] != 0, dv, 0.0)
     store_rows(
-        DK + b64 * stride_dkb + kvh.to(tl.int64) * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
+        DK
+        + b64 * stride_dkb
+        + kvh.to(tl.int64) * stride_dkh
+        + row_offsets(n0, BLOCK_N, stride_dkn, WIDE)
+        + offs_d[None, :],
         dk.to(DK.dtype.element_ty),
         offs_n,
         seq_k,
@@ -678,7 +699,11 @@ def _bwd_dkdv_kernel(
         BLOCK_D,
     )
     store_rows(
-        DV + b64 * stride_dvb + kvh.to(tl.int64) * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
+        DV
+        + b64 * stride_dvb
+        + kvh.to(tl.int64) * stride_dvh
+        + row_offsets(n0, BLOCK_N, stride_dvn, WIDE)
+        + offs_d[None, :],
         dv.to(DV.dtype.element_ty),
         offs_n,
         seq_k,
@@ -696,6 +721,7 @@ def configs_for(head_dim: int, dtype: torch.dtype) -> dict[str, KernelConfig]:
 def preprocess(dout, dlse, out, lse):
     """Launch 1: (delta, lse2), [B, Hq, Sq] in the accumulation dtype (see the module docstring)."""
     batch, heads_q, seq_q, head_dim = out.shape
+    dout, out = unit_stride_last(dout), unit_stride_last(out)
     delta = torch.empty((batch, heads_q, seq_q), dtype=acc_dtype(out.dtype), device=out.device)
     lse2 = torch.empty_like(delta)
     dlse_t = dlse if dlse is not None else lse
@@ -726,6 +752,7 @@ def preprocess(dout, dlse, out, lse):
             BLOCK_M=_PREPROCESS_BLOCK_M,
             HAS_DLSE=dlse is not None,
             ACC=tl_acc(out.dtype),
+            WIDE=offsets_need_64bit(out, dout),
             num_warps=4,
         )
     return delta, lse2
@@ -806,11 +833,12 @@ def _launch_dq(
         POOLED=pre.pooled,
         HAS_LENGTHS=pre.has_lengths,
         HAS_PAD=key_padding_mask is not None,
-        HAS_BIAS=attn_bias is not None,
+        HAS_BIAS=bias_mode(attn_bias, (batch, heads_q, seq_q, seq_k)),
         ACC=tl_acc(q.dtype),
         DOT_PREC=dot_precision(q.dtype),
         SEQ_KEYS=seq_keys,
         ADD_DQ=add,
+        WIDE=offsets_need_64bit(q, k, v, dout, dq, pre.k, pre.v, key_padding_mask),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
@@ -823,6 +851,7 @@ def prefix_backward(dout, dlse, q, prefix_k, prefix_v, prefix_index, prefix_leng
     pre = PrefixArgs.build(prefix_k, prefix_v, prefix_index, prefix_lengths, q)
     if not pre.present or q.numel() == 0:
         return torch.zeros_like(prefix_k), torch.zeros_like(prefix_v)
+    dout = unit_stride_last(dout)  # e.g. the all-zero-stride dout of out.sum().backward()
     delta, lse2 = preprocess(dout, dlse, out, lse)
     head_dim = q.shape[-1]
     _launch_dq(
@@ -883,6 +912,7 @@ def backward(
     qk_scale = scale * LOG2E
 
     pre = PrefixArgs.build(prefix_k, prefix_v, prefix_index, prefix_lengths, q)
+    dout = unit_stride_last(dout)  # e.g. the all-zero-stride dout of out.sum().backward()
     fuse_dq = not deterministic
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
@@ -958,10 +988,11 @@ def backward(
             BLOCK_N=cfg.block_n,
             CAUSAL=causal,
             HAS_PAD=key_padding_mask is not None,
-            HAS_BIAS=attn_bias is not None,
+            HAS_BIAS=bias_mode(attn_bias, (batch, heads_q, seq_q, seq_k)),
             ACC=acc,
             DOT_PREC=prec,
             FUSE_DQ=fuse_dq,
+            WIDE=offsets_need_64bit(q, k, v, dout, dk, dv, dq_acc, key_padding_mask),
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )

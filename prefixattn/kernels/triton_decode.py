@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from . import bshd_empty
+from ._layout import unit_stride_last
 from ._triton_config import MAX_HEAD_DIM, MIN_HEAD_DIM, DecodeConfig, decode_config, head_dim_block, next_pow2
 
 MAX_QUERY_LEN = 16  # the decode path serves Sq <= 16 (decode, speculative verification, short chunks)
@@ -370,6 +371,11 @@ def _launch(
         lse.fill_(float("-inf"))
         return out, lse
 
+    # The kernels read index vectors densely and a block-table row as contiguous page ids: a strided view
+    # (a column of a table, table[:, ::2]) becomes a dense copy first; dense tensors pass through untouched.
+    prefix_index, prefix_lengths, seq_lens, block_table = map(
+        unit_stride_last, (prefix_index, prefix_lengths, seq_lens, block_table)
+    )
     mode, plen_max, pool, spk, spv = _prefix_args(prefix_k, prefix_v)
     shapes = _shapes(q, heads_kv, max_keys, prefix_k)
     if plan is None:
@@ -392,7 +398,7 @@ def _launch(
         cascade_programs = heads_kv * plan.cascade_tiles * plan.cascade_groups
     split_programs = batch * heads_kv * plan.m_tiles * plan.num_splits
 
-    kpm = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else None
+    kpm = unit_stride_last(key_padding_mask).view(torch.uint8) if key_padding_mask is not None else None
     skb, skh, sks = k_strides
     svb, svh, svs = v_strides
     cfg = plan.config

@@ -20,11 +20,15 @@ from . import bshd_empty
 from ._triton_common import (
     LOG2E,
     PrefixArgs,
+    bias_mode,
     bias_strides,
     finish_rows,
     load_rows,
+    offsets_need_64bit,
     padding_args,
     prefix_tile_ptrs,
+    row_offsets,
+    scalar_offset,
     sequence_tile_bounds,
     store_rows,
     tile_scores,
@@ -116,6 +120,7 @@ def prefix_tiles(
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    WIDE: tl.constexpr,
 ):
     """Fold the plen prefix keys (tile pointers at key 0) into the running state: full tiles without any mask,
     then the tail tile (plen not a multiple of BLOCK_N) masked at plen."""
@@ -126,8 +131,8 @@ def prefix_tiles(
             m_i,
             l_i,
             q,
-            pk_ptrs + start * stride_pkn,
-            pv_ptrs + start * stride_pvn,
+            pk_ptrs + scalar_offset(start, stride_pkn, WIDE),
+            pv_ptrs + scalar_offset(start, stride_pvn, WIDE),
             start + offs_n,
             plen,
             offs_m,
@@ -155,8 +160,8 @@ def prefix_tiles(
             m_i,
             l_i,
             q,
-            pk_ptrs + start * stride_pkn,
-            pv_ptrs + start * stride_pvn,
+            pk_ptrs + scalar_offset(start, stride_pkn, WIDE),
+            pv_ptrs + scalar_offset(start, stride_pvn, WIDE),
             start + offs_n,
             plen,
             offs_m,
@@ -236,6 +241,7 @@ def _prefix_attention_fwd_kernel(
     HAS_BIAS: tl.constexpr,
     ACC: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    WIDE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     if CAUSAL:  # the last query tiles see the most keys: start them first
@@ -251,7 +257,9 @@ def _prefix_attention_fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
 
-    q_ptrs = Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
+    q_ptrs = (
+        Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + row_offsets(m0, BLOCK_M, stride_qm, WIDE) + offs_d[None, :]
+    )
     q = load_rows(q_ptrs, offs_m, seq_q, offs_d, HEAD_DIM, BLOCK_D, True)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
@@ -298,6 +306,7 @@ def _prefix_attention_fwd_kernel(
             BLOCK_D,
             BLOCK_N,
             DOT_PREC,
+            WIDE,
         )
 
     # 2. sequence tiles: [0, full_end) are visible to every row of the tile; [full_end, hi) need masks.
@@ -312,8 +321,8 @@ def _prefix_attention_fwd_kernel(
             m_i,
             l_i,
             q,
-            k_ptrs + start * stride_kn,
-            v_ptrs + start * stride_vn,
+            k_ptrs + scalar_offset(start, stride_kn, WIDE),
+            v_ptrs + scalar_offset(start, stride_vn, WIDE),
             start + offs_n,
             seq_k,
             offs_m,
@@ -341,8 +350,8 @@ def _prefix_attention_fwd_kernel(
             m_i,
             l_i,
             q,
-            k_ptrs + start * stride_kn,
-            v_ptrs + start * stride_vn,
+            k_ptrs + scalar_offset(start, stride_kn, WIDE),
+            v_ptrs + scalar_offset(start, stride_vn, WIDE),
             start + offs_n,
             seq_k,
             offs_m,
@@ -366,7 +375,9 @@ def _prefix_attention_fwd_kernel(
         )
 
     out, lse = finish_rows(acc, m_i, l_i)
-    o_ptrs = OUT + b64 * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
+    o_ptrs = (
+        OUT + b64 * stride_ob + h.to(tl.int64) * stride_oh + row_offsets(m0, BLOCK_M, stride_om, WIDE) + offs_d[None, :]
+    )
     store_rows(o_ptrs, out.to(OUT.dtype.element_ty), offs_m, seq_q, offs_d, HEAD_DIM, BLOCK_D)
     tl.store(LSE + pid_bh.to(tl.int64) * seq_q + offs_m, lse.to(LSE.dtype.element_ty), mask=offs_m < seq_q)
 
@@ -453,7 +464,8 @@ def forward(
         POOLED=pre.pooled,
         HAS_LENGTHS=pre.has_lengths,
         HAS_PAD=key_padding_mask is not None,
-        HAS_BIAS=attn_bias is not None,
+        HAS_BIAS=bias_mode(attn_bias, (batch, heads_q, seq_q, seq_k)),
+        WIDE=offsets_need_64bit(q, k, v, out, pre.k, pre.v, key_padding_mask),
         ACC=tl_acc(q.dtype),
         DOT_PREC=dot_precision(q.dtype),
         num_warps=cfg.num_warps,
