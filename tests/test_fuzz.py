@@ -11,8 +11,8 @@ are a column of a table or `[::2]`), and compares out, lse and the gradients of 
 
 Reproducing a failure: the profile is derandomized (the same examples every run, no example database), and
 each example prints its case with `note`, so the failure report holds the full case and its tensor seed.
-Known defects are split into their own tests and marked xfail(strict=True): when a fix lands, the strict xfail
-fails and the marker must go.
+The layouts that once broke the kernels (issue 9: an expanded dout, strided index tensors on the decode and paged
+paths, calls with no keys on "torch") keep tests of their own, so each stays pinned by name.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
-from hypothesis import HealthCheck, Phase, given, note, settings
+from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
 import prefixattn
@@ -43,27 +43,9 @@ def examples(n: int) -> settings:
     return settings(FUZZ, max_examples=EXAMPLES or n)
 
 
-def known_failing(n: int) -> settings:
-    """For the strict-xfail tests of known defects: stop at the first failure (no shrinking, which would spend
-    minutes of interpreted kernels on a test that is expected to fail)."""
-    return settings(
-        FUZZ,
-        max_examples=EXAMPLES or n,
-        phases=[Phase.explicit, Phase.reuse, Phase.generate],
-        report_multiple_bugs=False,
-    )
-
-
 # Error bounds against the float64 reference (relative Frobenius norm). lse is float32 for every input dtype.
 TOL = {torch.float64: 1e-9, torch.float32: 2e-5}
 LSE_TOL = 2e-6
-
-# Triton's decode kernels serve the contiguous op for short queries in these dtypes / head dims, without a bias.
-DECODE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def takes_decode_path(backend: str, dtype, sq: int, d: int, has_bias: bool) -> bool:
-    return backend == "triton" and dtype in DECODE_DTYPES and sq <= 16 and 16 <= d <= 256 and not has_bias
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -299,12 +281,6 @@ def has_no_keys(c: OpCase) -> bool:
     return c.seqlen_k == 0 and (c.prefix == "none" or c.prefix_len == 0)
 
 
-def strided_index(c: OpCase) -> bool:
-    return c.prefix == "pool" and (
-        c.index_layout != "contiguous" or (c.pool_lengths is not None and c.lengths_layout != "contiguous")
-    )
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Running a case
 def _build(c: OpCase):
@@ -439,31 +415,19 @@ def run_op_case(c: OpCase) -> None:
 BACKENDS = ("torch", "triton", "sdpa")
 
 
-def _without_known_defects(c: OpCase) -> OpCase:
-    """Steer clear of the sub-cases of known defects (each has its own strict-xfail test below)."""
-    if strided_index(c) and takes_decode_path(c.backend, c.dtype, c.seqlen_q, c.head_dim, c.bias_shape is not None):
-        c.index_layout = c.lengths_layout = "contiguous"  # defect 2
-    return c
-
-
 def _main_case_ok(c: OpCase) -> bool:
-    return _constraints_ok(c) and not (c.backend == "torch" and has_no_keys(c))  # defect 5
+    return _constraints_ok(c)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @examples(40)
 @given(data=st.data())
 def test_op_matches_concat_reference(backend, data):
-    run_op_case(data.draw(op_cases(backend).map(_without_known_defects).filter(_main_case_ok)))
+    run_op_case(data.draw(op_cases(backend).filter(_main_case_ok)))
 
 
 def _expanded_dout_case(backend):
-    return (
-        op_cases(backend)
-        .map(_without_known_defects)
-        .filter(lambda c: _main_case_ok(c) and c.grad)
-        .map(lambda c: _with(c, dout="expanded"))
-    )
+    return op_cases(backend).filter(lambda c: _main_case_ok(c) and c.grad).map(lambda c: _with(c, dout="expanded"))
 
 
 def _with(c: OpCase, **changes) -> OpCase:
@@ -472,15 +436,8 @@ def _with(c: OpCase, **changes) -> OpCase:
     return c
 
 
-@pytest.mark.parametrize(
-    "backend",
-    [
-        "torch",
-        pytest.param("triton", marks=pytest.mark.xfail(strict=True, reason="issue 9 defect 1")),
-        pytest.param("sdpa", marks=pytest.mark.xfail(strict=True, reason="issue 9 defect 1")),
-    ],
-)
-@known_failing(8)
+@pytest.mark.parametrize("backend", BACKENDS)
+@examples(8)
 @given(data=st.data())
 def test_expanded_dout(backend, data):
     """out.sum().backward(): the backward receives a dout whose strides are all 0."""
@@ -498,11 +455,8 @@ def _decode_strided_index_case(backend):
     )
 
 
-@pytest.mark.parametrize(
-    "backend",
-    ["torch", pytest.param("triton", marks=pytest.mark.xfail(strict=True, reason="issue 9 defect 2")), "sdpa"],
-)
-@known_failing(8)
+@pytest.mark.parametrize("backend", BACKENDS)
+@examples(8)
 @given(data=st.data())
 def test_strided_index_tensors_on_the_decode_path(backend, data):
     run_op_case(data.draw(_decode_strided_index_case(backend)))
@@ -516,11 +470,8 @@ def _no_keys_case(backend):
     )
 
 
-@pytest.mark.parametrize(
-    "backend",
-    [pytest.param("torch", marks=pytest.mark.xfail(strict=True, reason="issue 9 defect 5")), "triton", "sdpa"],
-)
-@known_failing(6)
+@pytest.mark.parametrize("backend", BACKENDS)
+@examples(6)
 @given(data=st.data())
 def test_no_keys_gives_zeros_and_minus_inf(backend, data):
     """Sk = 0 and no prefix (or P = 0): every row has nothing to attend to."""
@@ -661,17 +612,11 @@ def run_paged_case(c: PagedCase) -> None:
     _check("lse", lse, ref_lse, max(TOL[c.dtype], LSE_TOL))
 
 
-def _paged_without_known_defects(c: PagedCase) -> PagedCase:
-    if c.backend == "triton":  # defect 2: Triton's paged decode ignores the strides of its index tensors
-        c.table_layout = c.lens_layout = c.index_layout = "contiguous"
-    return c
-
-
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @examples(25)
 @given(data=st.data())
 def test_paged_matches_concat_reference(backend, data):
-    run_paged_case(data.draw(paged_cases(backend).map(_paged_without_known_defects)))
+    run_paged_case(data.draw(paged_cases(backend)))
 
 
 def _paged_strided_case(backend):
@@ -683,10 +628,8 @@ def _paged_strided_case(backend):
     )
 
 
-@pytest.mark.parametrize(
-    "backend", ["torch", pytest.param("triton", marks=pytest.mark.xfail(strict=True, reason="issue 9 defect 2"))]
-)
-@known_failing(8)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@examples(8)
 @given(data=st.data())
 def test_paged_strided_tables(backend, data):
     run_paged_case(data.draw(_paged_strided_case(backend)))
