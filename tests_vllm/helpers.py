@@ -58,8 +58,9 @@ def convert_gguf(gguf: str, out: str, *, tokenizer_only: bool = False) -> str:
     return out
 
 
-def save_tiny_model(out: str, model_type: str, tokenizer_dir: str, seed: int = 0) -> str:
-    """A randomly initialised decoder of `model_type` (llama, qwen2, qwen3, mistral) with the given tokenizer."""
+def save_tiny_model(out: str, model_type: str, tokenizer_dir: str, seed: int = 0, **overrides) -> str:
+    """A randomly initialised decoder of `model_type` (llama, qwen2, qwen3, mistral) with the given tokenizer;
+    `overrides` change TINY's sizes."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -69,7 +70,7 @@ def save_tiny_model(out: str, model_type: str, tokenizer_dir: str, seed: int = 0
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
-        **TINY,
+        **{**TINY, **overrides},
     )
     if model_type == "mistral":
         config.sliding_window = None
@@ -140,3 +141,14 @@ def long_text(n_sentences: int) -> str:
         f"On day {d} the ship sailed further east, the crew counted the barrels and the captain wrote in the log."
         for d in range(1, n_sentences + 1)
     )
+
+
+def inspect_worker(model):
+    """Run in a vLLM worker (LLM.apply_model): the attention implementations and this rank's prefix pool."""
+    from prefixattn.vllm_plugin import pool
+
+    impls = {type(m.impl).__name__ for m in model.modules() if hasattr(m, "impl")}
+    p = pool.current_pool()
+    if p is None:
+        return impls, None, None, None
+    return impls, p.names, tuple(p.k.shape), p.lengths.tolist()
