@@ -143,12 +143,18 @@ def long_text(n_sentences: int) -> str:
     )
 
 
-def inspect_worker(model):
-    """Run in a vLLM worker (LLM.apply_model): the attention implementations and this rank's prefix pool."""
+def inspect_worker(model) -> dict:
+    """Run in a vLLM worker (LLM.apply_model): the attention implementations and this rank's prefix pool
+    (names, shape, lengths, and the sum of its keys per entry and KV head, to tell which heads it holds)."""
     from prefixattn.vllm_plugin import pool
 
-    impls = {type(m.impl).__name__ for m in model.modules() if hasattr(m, "impl")}
+    found = {"impls": sorted({type(m.impl).__name__ for m in model.modules() if hasattr(m, "impl")})}
     p = pool.current_pool()
-    if p is None:
-        return impls, None, None, None
-    return impls, p.names, tuple(p.k.shape), p.lengths.tolist()
+    if p is not None:
+        found.update(
+            names=p.names,
+            shape=list(p.k.shape),
+            lengths=p.lengths.tolist(),
+            key_sums=p.k.double().sum(dim=(0, 3, 4)).tolist(),
+        )
+    return found

@@ -87,7 +87,7 @@ def test_inactive_plugin_leaves_vllm_alone(tiny_model):
     tok = AutoTokenizer.from_pretrained(model_dir)
     llm = start(model_dir, None)
     try:
-        impls, pool_names, _, _ = llm.apply_model(helpers.inspect_worker)[0]
+        (found,) = llm.apply_model(helpers.inspect_worker)
         procs = llm.llm_engine.vllm_config.model_config.logits_processors
         ref = helpers.Reference(model_dir, adapters)
         ids = [tok(p).input_ids for p in PROMPTS]
@@ -99,8 +99,44 @@ def test_inactive_plugin_leaves_vllm_alone(tiny_model):
         )
     finally:
         close(llm)
-    assert set(impls) == {"CPUAttentionBackendImpl"} and pool_names is None
+    assert found == {"impls": ["CPUAttentionBackendImpl"]}  # vLLM's own attention, no pool
     assert not procs
     got = [list(o.outputs[0].token_ids) for o in outs]
     want = [ref.generate(i, None, MAX_NEW) for i in ids] * 2
     assert got == want
+
+
+def test_tensor_parallel_2_slices_the_pool_per_rank(tiny_model, monkeypatch):
+    """TP=2 on the CPU (one core per rank): each rank holds its one KV head of every prefix, and the tokens
+    equal transformers'."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer
+
+    from prefixattn.vllm_plugin import config as plugin_config
+    from prefixattn.vllm_plugin import pool as prefix_pool
+
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # vLLM's automatic binding wants a NUMA node per rank
+    model_dir, adapters = tiny_model("llama")
+    llm = start(model_dir, adapters, tensor_parallel_size=2)
+    try:
+        ranks = llm.apply_model(helpers.inspect_worker)
+        got, want = mixed_batch(
+            llm,
+            AutoTokenizer.from_pretrained(model_dir),
+            helpers.Reference(model_dir, adapters),
+            PROMPTS[:1],
+            ["flat", None, "mlp", "peft"],
+        )
+    finally:
+        close(llm)
+    assert got == want
+    served = prefix_pool.ServedModel(
+        "llama", "LlamaForCausalLM", 3, 2, 32, 128, torch.float32, AutoConfig.from_pretrained(model_dir)
+    )
+    entries = prefix_pool.read_all(plugin_config.parse({"prefixattn": {"adapters": adapters}}), served)
+    full = prefix_pool.PrefixPool.build(entries, served, device=torch.device("cpu"), heads=(0, 2))
+    full_sums = full.k.double().sum(dim=(0, 3, 4))  # [entries, KV heads]
+    assert len(ranks) == 2
+    for rank, found in enumerate(ranks):
+        assert found["shape"] == [3, 3, 1, 7, 32]
+        torch.testing.assert_close(torch.tensor(found["key_sums"], dtype=torch.float64), full_sums[:, rank : rank + 1])

@@ -64,11 +64,11 @@ def counter(llm, name: str) -> int:
 
 
 def test_plugin_owns_decoder_attention_and_holds_the_pool(engine):
-    (impls, names, shape, lengths), *_ = engine.llm.apply_model(helpers.inspect_worker)
-    assert set(impls) == {"PrefixCPUAttentionImpl"}
-    assert names == ["flat", "mlp", "peft"]
-    assert tuple(shape) == (3, 3, 2, 7, 32)  # [layers, adapters, KV heads, longest prefix, head dim]
-    assert lengths == [[5, 7, 4], [5, 0, 4], [5, 7, 4]]  # "mlp" leaves layer 1 out
+    (found,) = engine.llm.apply_model(helpers.inspect_worker)
+    assert found["impls"] == ["PrefixCPUAttentionImpl"]
+    assert found["names"] == ["flat", "mlp", "peft"]
+    assert found["shape"] == [3, 3, 2, 7, 32]  # [layers, adapters, KV heads, longest prefix, head dim]
+    assert found["lengths"] == [[5, 7, 4], [5, 0, 4], [5, 7, 4]]  # "mlp" leaves layer 1 out
 
 
 def test_mixed_batch_matches_transformers(engine):

@@ -62,14 +62,17 @@ def configure_engine(vllm_config) -> None:
     from . import pool
 
     pool.check_adapters(vllm_config)
-    if vllm_config.use_v2_model_runner:
-        if importlib.util.find_spec(f"{__name__}.mrv2") is None:
-            raise ValueError(
-                "prefixattn: per-request prefixes need vLLM's V1 model runner on this version; start with "
-                "VLLM_USE_V2_MODEL_RUNNER=0"
-            )
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cuda() and importlib.util.find_spec(f"{__name__}.mrv2") is not None:
+        # CUDA: the GPU module picks the attention backend and a model runner whose batch rows the router sees.
         importlib.import_module(f"{__name__}.mrv2").configure(vllm_config)
         return
+    if vllm_config.use_v2_model_runner:
+        raise ValueError(
+            "prefixattn: per-request prefixes need vLLM's V1 model runner here (Model Runner V2 does not show "
+            "a logits processor the batch rows before the forward); start with VLLM_USE_V2_MODEL_RUNNER=0"
+        )
     model_config = vllm_config.model_config
     procs = list(model_config.logits_processors or [])
     if ROUTER_FQCN not in procs:
