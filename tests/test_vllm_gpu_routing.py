@@ -126,9 +126,9 @@ def test_unsupported_layer_settings_are_named(change, words):
 
 
 def test_pool_heads_must_be_this_ranks_slice():
-    gpu_backend.check_pool_heads(4, 64, 4, 64, "model.layers.0.self_attn.attn")
+    gpu_backend.check_pool_heads(4, 64, 4, 64)
     with pytest.raises(ValueError, match="tensor parallelism"):  # a TP=2 rank given the whole pool
-        gpu_backend.check_pool_heads(8, 64, 4, 64, "model.layers.0.self_attn.attn")
+        gpu_backend.check_pool_heads(8, 64, 4, 64)
 
 
 def test_paged_decode_switch_is_off_by_default(monkeypatch):

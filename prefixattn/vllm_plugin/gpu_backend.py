@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 
-# The class path vLLM resolves for AttentionBackendEnum.CUSTOM once `register_custom_backend()` has run.
+# The class path vLLM resolves for AttentionBackendEnum.FLASH_ATTN and CUSTOM once `register()` has run.
 BACKEND_CLASS_PATH = "prefixattn.vllm_plugin.gpu_backend.PrefixFlashAttentionBackend"
 
 # Decode-only steps through prefixattn's split-K paged kernel on vLLM's own page layout instead of
@@ -70,47 +70,44 @@ def unsupported_reasons(
     return reasons
 
 
-def check_pool_heads(pool_heads_kv: int, pool_head_dim: int, num_kv_heads: int, head_size: int, layer: str) -> None:
+def check_pool_heads(pool_heads_kv: int, pool_head_dim: int, num_kv_heads: int, head_size: int) -> None:
     """The pool must hold exactly this rank's KV heads (TP slicing happens when the pool loads)."""
     if (pool_heads_kv, pool_head_dim) != (num_kv_heads, head_size):
         raise ValueError(
-            f"prefixattn: layer {layer}: the prefix pool holds {pool_heads_kv} KV heads of dim {pool_head_dim} "
-            f"for this rank, but the attention layer has {num_kv_heads} KV heads of dim {head_size} "
+            f"prefixattn: the prefix pool holds {pool_heads_kv} KV heads of dim {pool_head_dim} for this rank, "
+            f"but the attention layers have {num_kv_heads} KV heads of dim {head_size} "
             "(with tensor parallelism each rank's pool must hold its own slice of the KV heads)"
         )
 
 
-def on_register() -> None:
-    """What the plugin's register() does on CUDA, in every vLLM process: make CUSTOM resolvable to this backend
-    and, when PREFIXATTN_VLLM_RUNNER=v2, wrap Model Runner V2 for per-row routing."""
+def register() -> None:
+    """What the plugin's register() does on CUDA, in every vLLM process. Both FLASH_ATTN (what vLLM picks by
+    default for Llama-family models on Hopper) and CUSTOM resolve to this backend, which is plain vLLM
+    FlashAttention while the plugin is inactive; `configure` then pins the choice for an active config. With
+    PREFIXATTN_VLLM_RUNNER=v2, Model Runner V2 is wrapped for per-row routing (see mrv2)."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
     from . import mrv2
 
-    register_custom_backend()
+    register_backend(AttentionBackendEnum.FLASH_ATTN, BACKEND_CLASS_PATH)
+    register_backend(AttentionBackendEnum.CUSTOM, BACKEND_CLASS_PATH)
     if mrv2.requested_runner() == "v2":
         mrv2.install_routing()
 
 
-def on_config(vllm_config) -> None:
-    """What the plugin does on CUDA when the config it is active in is built: this attention backend, and a
-    model runner whose rows the router can see."""
+def configure(vllm_config) -> str:
+    """For a config the plugin is active in, on CUDA, while it is built (before the engine's processes start):
+    select this attention backend and a model runner whose batch rows the router can see. Returns the runner
+    ("v1" or "v2")."""
     from . import mrv2
 
     select_for(vllm_config)
-    mrv2.select_runner(vllm_config)
-
-
-def register_custom_backend() -> None:
-    """Point AttentionBackendEnum.CUSTOM at this backend (process-local: run it in every vLLM process, which
-    the general plugin's register() does). Harmless until a config selects CUSTOM."""
-    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
-
-    register_backend(AttentionBackendEnum.CUSTOM, BACKEND_CLASS_PATH)
+    return mrv2.select_runner(vllm_config)
 
 
 def select_for(vllm_config) -> None:
-    """Make this config use the backend (call while the config is built, when the plugin is active on CUDA).
-    A user who explicitly chose another attention backend gets an error instead of silently unprefixed
-    outputs: the prefix lives in this backend only."""
+    """Make this config use the backend. A user who explicitly chose another attention backend gets an error
+    instead of silently unprefixed outputs: the prefix lives in this backend only."""
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
     config = vllm_config.attention_config
@@ -122,7 +119,6 @@ def select_for(vllm_config) -> None:
         )
     if config.backend_per_kind:
         raise ValueError("prefixattn: attention_config.backend_per_kind is not supported with prefixes")
-    register_custom_backend()
     config.backend = AttentionBackendEnum.CUSTOM
 
 
@@ -146,7 +142,7 @@ def _build_classes():
 
     from ..merge import merge_prefix, token_prefix_index
     from . import mrv2
-    from .pool import current_pool, layer_index
+    from .pool import ensure_pool, layer_index
 
     class PrefixFlashAttentionImpl(fa.FlashAttentionImpl):
         """FlashAttention with the LSE returned and the request's prefix folded in per token."""
@@ -154,8 +150,16 @@ def _build_classes():
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self.prefix_layer: int | None = None
-            self.unsupported = unsupported_reasons(
-                attn_type=str(getattr(self.attn_type, "value", self.attn_type)),
+            self.pool = None
+            if self.attn_type != AttentionType.DECODER:
+                return
+            config = get_current_vllm_config_or_none()
+            # The pool is allocated now, while the model is built (before vLLM sizes its KV cache).
+            self.pool = ensure_pool(config) if config is not None else None
+            if self.pool is None:  # plugin inactive: plain FlashAttention
+                return
+            unsupported = unsupported_reasons(
+                attn_type="decoder",
                 alibi=self.alibi_slopes is not None,
                 sliding_window=tuple(self.sliding_window) != (-1, -1),
                 logits_soft_cap=self.logits_soft_cap,
@@ -164,21 +168,22 @@ def _build_classes():
                 dcp_world_size=getattr(self, "dcp_world_size", 1),
             )
             if self.fa4_hd256:
-                self.unsupported.append("FlashAttention 4's head-dim-256 kernel")
-            config = get_current_vllm_config_or_none()
-            if config is not None and config.use_v2_model_runner and not mrv2.active():
-                self.unsupported.append(f"vLLM's Model Runner V2 without prefixattn's routing ({mrv2.RUNNER_ENV}=v2)")
+                unsupported.append("FlashAttention 4's head-dim-256 kernel")
+            if config.use_v2_model_runner and not mrv2.active():
+                unsupported.append(f"vLLM's Model Runner V2 without prefixattn's routing ({mrv2.RUNNER_ENV}=v2)")
+            if unsupported:
+                raise NotImplementedError("prefixattn: prefixes are not supported with " + "; ".join(unsupported))
+            prefix_k = self.pool.layer(0)[0]
+            check_pool_heads(prefix_k.shape[1], prefix_k.shape[3], self.num_kv_heads, self.head_size)
 
         def forward(
             self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None, output_block_scale=None
         ):
-            pool = current_pool()
-            if attn_metadata is None or pool is None or self.attn_type != AttentionType.DECODER:
+            pool = self.pool
+            if attn_metadata is None or pool is None:
                 return super().forward(
                     layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale
                 )
-            if self.unsupported:  # checked here: the pool may not exist yet when the layers are built
-                raise NotImplementedError("prefixattn: prefixes are not supported with " + "; ".join(self.unsupported))
             if output_scale is not None or output_block_scale is not None:
                 raise NotImplementedError("prefixattn: fused output quantization is not supported")
             if (
@@ -190,11 +195,6 @@ def _build_classes():
             if self.prefix_layer is None:
                 self.prefix_layer = layer_index(layer.layer_name)
             prefix_k, prefix_v, lengths = pool.layer(self.prefix_layer)
-            if self.prefix_layer == 0 and not getattr(self, "_heads_checked", False):
-                check_pool_heads(
-                    prefix_k.shape[1], prefix_k.shape[3], self.num_kv_heads, self.head_size, layer.layer_name
-                )
-                self._heads_checked = True
 
             tokens = attn_metadata.num_actual_tokens
             query, out = query[:tokens], output[:tokens]

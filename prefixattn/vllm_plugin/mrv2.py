@@ -66,6 +66,18 @@ def select_runner(vllm_config, environ=os.environ) -> str:
     return "v1"
 
 
+def configure(vllm_config) -> None:
+    """The plugin's engine-config hook calls this for an active config that would run Model Runner V2 (CUDA):
+    the attention backend and the runner are chosen (gpu_backend.configure); when that falls back to the V1
+    runner, the V1 router (a logits processor; Model Runner V2 would reject it) is added here."""
+    from . import ROUTER_FQCN, gpu_backend
+
+    if gpu_backend.configure(vllm_config) == "v1":
+        procs = list(vllm_config.model_config.logits_processors or [])
+        if ROUTER_FQCN not in procs:
+            vllm_config.model_config.logits_processors = procs + [ROUTER_FQCN]
+
+
 def rows_from_slots(slot_entry: Tensor, idx_mapping: Tensor, rows: Tensor) -> Tensor:
     """rows[i] = slot_entry[idx_mapping[i]] for the step's rows, -1 past them (padding) and for a negative
     (masked) slot; returns rows[:len(idx_mapping)]. rows is the fixed buffer attention reads."""
