@@ -283,3 +283,57 @@ def test_token_index_feeds_merge_prefix():
     got_out, got_lse = prefixattn.merge_prefix(**args, backend="torch")
     assert rel_err(got_out, ref_out) < TOLERANCE[torch.float64]
     assert rel_err(got_lse, ref_lse) < TOLERANCE[torch.float64]
+
+
+# GPU: serving sizes in 16-bit, against the float64 fold of the same inputs, and inside a CUDA graph.
+
+
+def serving_inputs(tokens, plen, dtype, device="cuda", heads_q=32, heads_kv=8, dim=64, pool=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+    return dict(
+        q=rnd(tokens, heads_q, dim),
+        out=rnd(tokens, heads_q, dim),
+        lse=torch.randn(heads_q, tokens, generator=g).to(device).t(),  # FlashAttention's [Hq, T]
+        prefix_k=rnd(pool, heads_kv, plen, dim),
+        prefix_v=rnd(pool, heads_kv, plen, dim),
+        token_prefix_index=torch.randint(-1, pool, (tokens,), generator=g, dtype=torch.int32).to(device),
+        prefix_lengths=torch.randint(0, plen + 1, (pool,), generator=g, dtype=torch.int32).to(device),
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "dtype,tokens,plen",
+    [(torch.bfloat16, 256, 16), (torch.bfloat16, 4096, 128), (torch.bfloat16, 300, 5), (torch.float16, 256, 128)],
+)
+def test_gpu_serving_sizes_against_float64(dtype, tokens, plen):
+    args = serving_inputs(tokens, plen, dtype)
+    exact = {k: (v.double() if k in ("q", "out", "prefix_k", "prefix_v") else v) for k, v in args.items()}
+    exact = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in exact.items()}
+    want_out, want_lse = prefixattn.merge_prefix(**exact, backend="torch")
+    got_out, got_lse = prefixattn.merge_prefix(**args)  # auto: triton on CUDA
+    assert rel_err(got_out.cpu(), want_out) < TOLERANCE[dtype]
+    assert rel_err(got_lse.cpu(), want_lse) < TOLERANCE[torch.float32]
+
+
+@pytest.mark.gpu
+def test_gpu_graph_capture_and_replay_with_new_indices():
+    """merge_prefix inside a CUDA graph: no host sync (capture would fail), and a replay after the index buffer
+    is rewritten in place uses the new entries (nothing value-dependent was baked in)."""
+    args = serving_inputs(256, 64, torch.bfloat16)
+    out0 = args["out"].clone()
+    prefixattn.merge_prefix(**args)  # compile outside the capture
+    args["out"].copy_(out0)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        _, lse_graph = prefixattn.merge_prefix(**args)
+    for seed in (1, 2):
+        g = torch.Generator().manual_seed(seed)
+        args["token_prefix_index"].copy_(torch.randint(-1, 64, (256,), generator=g, dtype=torch.int32))
+        args["out"].copy_(out0)
+        graph.replay()
+        torch.cuda.synchronize()
+        eager = dict(args, out=out0.clone())
+        want_out, want_lse = prefixattn.merge_prefix(**eager)
+        assert torch.equal(args["out"], want_out) and torch.equal(lse_graph, want_lse)

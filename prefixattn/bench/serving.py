@@ -409,32 +409,31 @@ def main(argv=None) -> int:
             for backend in backends:
                 add(dict(kind="merge", backend=backend, **case, **time_merge(case, settings, device, backend)))
 
-    need_model = "vllm" in args.phases or "hf" in args.phases
+    why_no_vllm = vllm_available() if "vllm" in args.phases else None
+    if why_no_vllm is not None:
+        add(dict(kind="skipped", phase="vllm", reason=why_no_vllm + ": the vLLM rows are unmeasured here"))
+    run_vllm = "vllm" in args.phases and why_no_vllm is None
+    need_model = run_vllm or "hf" in args.phases
     with tempfile.TemporaryDirectory(prefix="prefixattn-serving-") as tmp:
         root = Path(tmp)
         names_by_len = {p: [adapter_name(p, i) for i in range(max(settings.distinct))] for p in settings.prefix_lens}
         model_dir = write_model_and_adapters(settings, root, names_by_len) if need_model else None
-        if "vllm" in args.phases:
-            why = vllm_available()
-            if why is not None:
-                add(dict(kind="skipped", phase="vllm", reason=why + ": the vLLM rows are unmeasured here"))
-            else:
-                base = dict(settings=asdict(settings), model_dir=str(model_dir), device=device.type)
-                adapters = {n: str(root / "adapters" / n) for names in names_by_len.values() for n in names}
-                env = {"VLLM_CPU_KVCACHE_SPACE": "1"} if device.type == "cpu" else {}
-                engines = [("plain", None, {}), ("prefixattn", adapters, {})]
-                if args.paged_decode:
-                    engines.append(("prefixattn_paged", adapters, {"PREFIXATTN_VLLM_PAGED_DECODE": "1"}))
-                for engine, ads, extra in engines:
-                    if deadline.expired(reserve_s=30):
-                        add(dict(kind="skipped", phase="vllm", reason=f"time budget spent before engine {engine}"))
-                        break
-                    spec = dict(base, engine=engine, adapters=ads)
-                    try:
-                        for rec in spawn_engine(spec, root, deadline, {**env, **extra}):
-                            add(rec)
-                    except (RuntimeError, subprocess.TimeoutExpired) as e:
-                        add(dict(kind="skipped", phase="vllm", reason=timing.error_text(e, 1500)))
+        if run_vllm:
+            base = dict(settings=asdict(settings), model_dir=str(model_dir), device=device.type)
+            adapters = {n: str(root / "adapters" / n) for names in names_by_len.values() for n in names}
+            env = {"VLLM_CPU_KVCACHE_SPACE": "1"} if device.type == "cpu" else {}
+            engines = [("plain", None, {}), ("prefixattn", adapters, {})]
+            if args.paged_decode:
+                engines.append(("prefixattn_paged", adapters, {"PREFIXATTN_VLLM_PAGED_DECODE": "1"}))
+            for engine, ads, extra in engines:
+                if deadline.expired(reserve_s=30):
+                    add(dict(kind="skipped", phase="vllm", reason=f"time budget spent before engine {engine}"))
+                    break
+                try:
+                    for rec in spawn_engine(dict(base, engine=engine, adapters=ads), root, deadline, {**env, **extra}):
+                        add(rec)
+                except (RuntimeError, subprocess.TimeoutExpired) as e:
+                    add(dict(kind="skipped", phase="vllm", reason=timing.error_text(e, 1500)))
         if "hf" in args.phases and not deadline.expired(reserve_s=20):
             plen = settings.prefix_lens[0]
             add(run_hf(settings, model_dir, root / "adapters" / adapter_name(plen, 0), plen, device))
