@@ -134,7 +134,6 @@ def _row_prefix_index(num_rows: int):
 
 
 def _build_classes():
-    import torch
     from vllm.config import get_current_vllm_config_or_none
     from vllm.utils.torch_utils import canonicalize_singleton_dim_strides
     from vllm.v1.attention.backend import AttentionType
@@ -187,11 +186,14 @@ def _build_classes():
             if output_scale is not None or output_block_scale is not None:
                 raise NotImplementedError("prefixattn: fused output quantization is not supported")
             if (
-                isinstance(attn_metadata.causal, torch.Tensor)
+                attn_metadata.causal is not True  # non-causal or per-sequence (a tensor)
                 or attn_metadata.mm_prefix_query_range_tensor is not None
                 or attn_metadata.rswa_prefix_lens is not None
             ):
-                raise NotImplementedError("prefixattn: per-sequence causality, multimodal prefix-LM ranges and R-SWA")
+                raise NotImplementedError(
+                    "prefixattn: prefixes need plain causal decoder attention (not non-causal or per-sequence "
+                    "causality, multimodal prefix-LM ranges or R-SWA)"
+                )
             if self.prefix_layer is None:
                 self.prefix_layer = layer_index(layer.layer_name)
             prefix_k, prefix_v, lengths = pool.layer(self.prefix_layer)
