@@ -1,4 +1,5 @@
-"""Training-shape attention benchmark (DESIGN.md §5 table). The code lives in prefixattn/bench/attention.py."""
+"""Training-shape attention benchmark (the baselines of docs/design.md).
+The code lives in prefixattn/bench/attention.py."""
 
 import sys
 from pathlib import Path

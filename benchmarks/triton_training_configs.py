@@ -1,4 +1,4 @@
-"""Time the Triton training kernels on the DESIGN.md §5 shape and compare a few launch configs (GPU only).
+"""Time the Triton training kernels on the baseline shape of docs/design.md and compare a few launch configs (GPU only).
 
 B=4, H=32, S=2048, D=128, bf16, causal, P in {16, 128, 512}; forward and forward+backward, kernels called
 directly (no op-layer overhead), against cuDNN SDPA with no prefix on the same GPU (the floor). Also times

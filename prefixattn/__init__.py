@@ -1,7 +1,7 @@
 """prefixattn: fused attention over a shared prefix buffer, for prefix tuning on GPUs."""
 
+from .attention_module import PrefixAttention
 from .merge import merge_prefix, token_prefix_index
-from .module import PrefixAttention
 from .ops import prefix_attention
 from .paged import prefix_attention_paged
 from .reference import prefix_attention_reference

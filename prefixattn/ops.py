@@ -246,11 +246,18 @@ def prefix_attention(
     q [B, Hq, Sq, D]; k, v [B, Hkv, Sk, D] (any strides, last dim contiguous); prefix_k, prefix_v
     [Hkv, P, D] shared by the batch, or a pool [N, Hkv, P, D] with prefix_index [B] (-1 = no prefix)
     and optional prefix_lengths [N]. Query i sees every valid prefix key and, when causal, the sequence
-    keys j <= i + (Sk - Sq). key_padding_mask [B, Sk] bool, True = real token (sequence keys only).
+    keys j <= i + (Sk - Sq): bottom-right aligned, the prefix always on. Sq=2, Sk=4, P=2 (# = attended):
+
+                 prefix  sequence keys
+        query 0:  # #    # # # .
+        query 1:  # #    # # # #
+
+    key_padding_mask [B, Sk] bool, True = real token (sequence keys only).
     Returns out [B, Hq, Sq, D] in q's dtype, and lse [B, Hq, Sq] float32 (natural log) if return_lse.
 
-    Extensions beyond DESIGN.md §2: attn_bias (float, broadcastable to [B, Hq, Sq, Sk], added to the
-    scaled scores of sequence keys only; -inf masks) and dropout_p (backend "torch" only).
+    Extensions beyond the core semantics (docs/design.md, "Semantics"): attn_bias (float, broadcastable to
+    [B, Hq, Sq, Sk], added to the scaled scores of sequence keys only; -inf masks) and dropout_p (backend
+    "torch" only).
 
     deterministic (default True): the backward gives bitwise identical gradients run to run. False selects
     a Triton backward that accumulates dq with fp32 atomics instead of recomputing it, so the order of its

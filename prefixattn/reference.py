@@ -1,6 +1,6 @@
 """Plain PyTorch prefix attention: the specification every backend is tested against.
 
-Semantics (DESIGN.md §2): query i of Sq attends to every valid prefix key and, when causal, to the
+Semantics (docs/design.md, "Semantics"): query i of Sq attends to every valid prefix key and, when causal, to the
 sequence keys j <= i + (Sk - Sq) (bottom-right alignment); the prefix is always visible. A row with
 nothing to attend outputs zeros and has lse = -inf. Gradients flow through autograd, so this path is
 also the float64 gradcheck target.

@@ -1,4 +1,4 @@
-"""Shared test helpers: random problems and the relative-error measure of DESIGN.md §4."""
+"""Shared test helpers: random problems and the relative-error measure of docs/design.md, "Tolerances"."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-# ||out - ref|| / ||ref|| against the float64 reference (DESIGN.md §4).
+# ||out - ref|| / ||ref|| against the float64 reference (docs/design.md, "Tolerances").
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-3, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 
 

@@ -1,7 +1,8 @@
 """The benchmarks run (CPU smoke mode), write the JSON the GPU run will produce, and measure the right things.
 
 The GPU run happens once, so whatever can be checked here is: each script end to end on tiny shapes,
-the baselines computing the same function as the reference, the FLOP/byte formulas against the anchors,
+the baselines computing the same function as the reference, the FLOP/byte formulas against the anchors
+(the baseline measurements in docs/design.md),
 the paged-cache layout, the target verdicts, and gpu_check.sh's dry mode.
 """
 
@@ -187,8 +188,8 @@ def test_paged_cache_layout():
 
 
 def test_counts_match_the_anchors():
-    # anchors/h200-2026-11-29.json: concat_mask P=16 fwd 1.2421 ms at 112.43 TFLOP/s; cuDNN floor 0.2821 ms at
-    # 487.42 fwd, 1.2338 ms at 390.08 fwd+bwd; decode B=32 S=2048 P=0 0.07616 ms at 3.5246 TB/s.
+    # docs/design.md, "Baselines and targets": concat_mask P=16 fwd 1.2421 ms at 112.43 TFLOP/s; cuDNN floor
+    # 0.2821 ms at 487.42 fwd, 1.2338 ms at 390.08 fwd+bwd; decode B=32 S=2048 P=0 0.07616 ms at 3.5246 TB/s.
     flops = timing.attention_flops(4, 32, 2048, 2048, 16, 128)
     assert flops / 1.2421120405197144e-3 / 1e12 == pytest.approx(112.432, rel=1e-4)
     floor = timing.attention_flops(4, 32, 2048, 2048, 0, 128)

@@ -1,7 +1,7 @@
 """Benchmarks for prefixattn (the `prefixattn bench` command and benchmarks/*.py).
 
 Modules: timing (timing, input rotation, result records, progress), attention (training-shape attention
-against the DESIGN.md §5 baselines), decode (decode kernels against concat + SDPA), e2e (a 1.1B
+against the baselines of docs/design.md), decode (decode kernels against concat + SDPA), e2e (a 1.1B
 Llama-shaped model: training step and generation through transformers), serving (vLLM + prefixattn against
 plain vLLM and HF generate(); merge_prefix alone), summary (tables from saved JSON).
 Nothing is imported here, so `import prefixattn` never pays for the benchmarks.

@@ -1,4 +1,4 @@
-"""Training-shape attention: prefixattn against the DESIGN.md §5 baselines, side by side in one run.
+"""Training-shape attention: prefixattn against the baselines of docs/design.md, side by side in one run.
 
 Methods (each checked against concat_mask on the same inputs before it is timed):
   concat_mask        torch.cat of the batch-expanded prefix into K/V (timed: it is done per layer per step),
@@ -6,10 +6,10 @@ Methods (each checked against concat_mask on the same inputs before it is timed)
                      repeat_kv, because transformers' sdpa path does that whenever a mask is given.
   concat_lowerright  the same cat, then SDPA with causal_lower_right(S, P+S) under the flash backend.
   concat_flex        the same cat, then torch.compile'd FlexAttention with a prefix+causal block mask
-                     (compilation is slow: its own phase, P=128 on the main shape, as the anchors did).
+                     (compilation is slow: its own phase, P=128 on the main shape, as in the baselines).
   split_merge        no cat: cuDNN causal attention over the sequence (returning its log-sum-exp), the
                      prefix by two matmuls, and a torch.compile'd log-sum-exp merge. Forward only (a
-                     gradient through the cuDNN log-sum-exp output is not available, as in the anchors).
+                     gradient through the cuDNN log-sum-exp output is not available, as in the baselines).
   floor              no prefix at all: cuDNN causal SDPA on the sequence. Targets scale it by (1 + 2P/S).
   prefixattn         prefixattn.prefix_attention(q, k, v, prefix_k, prefix_v, causal=True, backend=...).
   prefixattn_fast    the same with deterministic=False (dq by fp32 atomics); fwd+bwd only (the forward is the
@@ -39,7 +39,7 @@ from . import report, timing
 from .timing import Deadline, Progress, ResultWriter, error_text, rel_err
 
 PREFIX_LENS = (16, 128, 512)
-CHECK_TOL = 5e-2  # bf16 tolerance of DESIGN.md §4; outputs are compared against concat_mask's
+CHECK_TOL = 5e-2  # bf16 tolerance (docs/design.md, "Tolerances"); outputs are compared against concat_mask's
 PHASES = ("ceiling", "main", "gqa", "d64", "flex")
 
 

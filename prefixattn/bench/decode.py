@@ -3,7 +3,7 @@
 Methods, all on random bf16 data, checked against concat_sdpa's output before timing:
   floor           F.scaled_dot_product_attention(q, k, v, enable_gqa=True) on caches without a prefix.
   concat_sdpa     the same on caches [B, Hkv, P+Sk, D] that already hold a copy of the prefix in every
-                  sequence (what HF/PEFT serve with; the anchors' "concat_sdpa_default").
+                  sequence (what HF/PEFT serve with; "concat_sdpa_default" in the baselines).
   prefixattn_X    prefixattn.prefix_attention(q, k, v, prefix_k, prefix_v, causal=True, backend=X) with
                   the prefix [Hkv, P, D] in its own buffer, X in {triton, cuda}.
   paged_X         prefixattn.prefix_attention_paged(q, k_cache, v_cache, block_table, seq_lens, prefix_k,
@@ -31,7 +31,7 @@ from . import report, timing
 from .timing import Deadline, Progress, ResultWriter, error_text, rel_err
 
 CHECK_TOL = 5e-2
-ANCHOR_COPY_TBPS = 4.276  # anchors/h200-2026-11-29.json, used when the ceiling phase did not run
+ANCHOR_COPY_TBPS = 4.276  # docs/design.md, "Baselines and targets"; used when the ceiling phase did not run
 PHASES = ("ceiling", "grid")
 
 

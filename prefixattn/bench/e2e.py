@@ -3,7 +3,7 @@
 Phases (each builds fresh models from the same seed, so every method sees identical weights):
   train     one training step (forward with labels, backward, optimizer step) at B=8, S=1024, P=128:
             floor = the same model with frozen weights and input embeddings requiring grad, so the
-            backward runs through the whole network (the anchors' base_frozen_input_grad_floor);
+            backward runs through the whole network (base_frozen_input_grad_floor in docs/design.md);
             peft = get_peft_model(PrefixTuningConfig(num_virtual_tokens=P)) (prefix_projection=False);
             prefixattn = prefixattn.init + add_adapter(PrefixTuningConfig(prefix_length=P, flat=False)) +
             train_adapter (the MLP runs once per forward); prefixattn_flat = the same with flat=True;

@@ -2,8 +2,8 @@
 
 Nothing here imports torch or the package (benchmarks/summarize.py loads this file by path), so reading
 results takes a fraction of a second: gpu_check.sh refreshes its summary after every step.
-The benchmarks import their targets and
-anchors from here, so a table rebuilt from a JSON file that a timeout cut short matches the live one.
+The benchmarks import their targets and anchors (the baseline measurements of docs/design.md, "Baselines and
+targets") from here, so a table rebuilt from a JSON file that a timeout cut short matches the live one.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ ATTENTION_METHODS = (
     "prefixattn_sdpa",
 )
 TARGET_METHODS = ("prefixattn", "prefixattn_sdpa")  # the rows held to the targets
-# DESIGN.md §5 (anchors/h200-2026-11-29*.json), main shape, ms: {(method, P, mode): ms}
+# docs/design.md, "Baselines and targets" (H200, 2026-11-29), main shape, ms: {(method, P, mode): ms}
 ATTENTION_ANCHORS = {
     ("concat_mask", 16, "fwd"): 1.24,
     ("concat_mask", 16, "fwdbwd"): 4.38,
@@ -270,7 +270,7 @@ def attention_plot(records: list[dict], path: Path) -> Path | None:
 
 BW_TARGET = 0.85  # x the measured copy ceiling, at B=128, Sk=2048
 SPEEDUP_TARGET = 2.0  # x faster than concat_sdpa at B=128, Sk=256, P=512
-# anchors/h200-2026-11-29.json, concat + SDPA decode, us: {(B, Sk, P): us}
+# docs/design.md, "Baselines and targets": concat + SDPA decode, us: {(B, Sk, P): us}
 DECODE_ANCHORS_US = {
     (128, 2048, 0): 254.8,
     (128, 2048, 16): 259.3,

@@ -239,7 +239,7 @@ def peak_extra_bytes(fn: Callable[[], object], device) -> int | None:
 
 
 def measure_copy_ceiling(device, nbytes: int = 2 * 2**30) -> dict:
-    """Device-to-device copy bandwidth, counting bytes read plus bytes written (METHOD.md)."""
+    """Device-to-device copy bandwidth, counting bytes read plus bytes written (docs/design.md, "Timing method")."""
     src = torch.randn(nbytes // 2, dtype=torch.bfloat16, device=device)
     dst = torch.empty_like(src)
     r = time_fns([lambda: dst.copy_(src)], device, warmup_ms=10, rep_ms=50, flush_l2=False)  # noqa: F821 (deleted after use to free device memory)
@@ -248,7 +248,7 @@ def measure_copy_ceiling(device, nbytes: int = 2 * 2**30) -> dict:
 
 
 def measure_gemm_ceiling(device, n: int = 8192) -> dict:
-    """bf16 matrix product rate on random data (METHOD.md: zeros run faster)."""
+    """bf16 matrix product rate on random data (zeros run faster: docs/design.md, "Timing method")."""
     a = torch.randn(n, n, dtype=torch.bfloat16, device=device)
     b = torch.randn(n, n, dtype=torch.bfloat16, device=device)
     r = time_fns([lambda: a @ b], device, warmup_ms=10, rep_ms=60, flush_l2=False)  # noqa: F821 (deleted after use to free device memory)
@@ -264,7 +264,7 @@ def attention_flops(
 ) -> float:
     """Forward FLOPs of the useful work: 2 matmuls x 2 FLOP per multiply-add over visible (query, key) pairs.
 
-    Causal (bottom-right): Sq*(Sq+1)/2 pairs in the triangle, diagonal included, as the anchors count,
+    Causal (bottom-right): Sq*(Sq+1)/2 pairs in the triangle, diagonal included, as the baselines count,
     plus Sq*(Sk-Sq) keys before the queries; plus Sq*P prefix pairs (every query sees the whole prefix).
     fwd+bwd = FWD_BWD_FLOP_FACTOR x this.
     """

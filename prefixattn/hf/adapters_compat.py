@@ -1,5 +1,5 @@
 """Import AdapterHub `adapters` prefix-tuning checkpoints (adapter_config.json + pytorch_adapter.bin or
-adapter.safetensors), research/prefix_libs.md §c.1.
+adapter.safetensors); docs/hf.md, "adapters (AdapterHub)".
 
 Tensor names: `<base>.prefix_tuning.prefix_tunings.<name>.<loc>.{wte.weight, control_trans.{0,2}.{weight,bias}}`
 (MLP form) or `...<loc>.control_trans` (1-D, flat or ejected form), gates

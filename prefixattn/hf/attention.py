@@ -2,7 +2,7 @@
 
 Registered in transformers' AttentionInterface and AttentionMaskInterface under the name "prefixattn"
 (a name free of "flash", "sdpa", "flex_attention" and "org/repo" patterns, which transformers treats
-specially; research/transformers_iface.md P5).
+specially; docs/design.md, "transformers' attention interface").
 
 Masks. The mask function returns a LightMask (2-D key padding + query offset + causal flag) whenever the
 mask is plain causal or bidirectional, so padding reaches the kernel as key_padding_mask [B, Sk] and no
@@ -19,15 +19,10 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import bidirectional_mask_function, causal_mask_function, sdpa_mask
 
 from ..ops import prefix_attention
+from ._keys import CONTEXT_KWARG, HIDDEN_ATTR, SITE_ATTR, STORE_ATTR, T5_BIAS_ATTR
+from .positions import t5_prefix_columns
 
 NAME = "prefixattn"
-# The forward context travels to every attention call through the layer kwargs, which transformers
-# forwards down to the attention function and captures for gradient-checkpointing recomputes.
-CONTEXT_KWARG = "prefixattn_context"
-SITE_ATTR = "_prefixattn_site"  # (location, global layer id), set on each prefixable attention module
-STORE_ATTR = "_prefixattn_store"
-HIDDEN_ATTR = "_prefixattn_hidden"  # the attention input, captured only while a gated adapter exists
-T5_BIAS_ATTR = "_prefixattn_t5_bias_source"  # T5 decoder self-attention: see prefixattn.hf.positions
 
 
 class LightMask:
@@ -36,7 +31,7 @@ class LightMask:
     padding: bool [B, kv_length] (True = real token) or None; q_offset: position of the first query in the
     keys (an int); causal: causal over the sequence keys.
     `ndim` lets transformers feed a prepared mask back into its mask code (generate() builds the mask in
-    advance for compileable caches and passes it as attention_mask, P3); the mask function then returns
+    advance for compileable caches and passes it as attention_mask); the mask function then returns
     it unchanged.
     """
 
@@ -141,7 +136,7 @@ def _translate_mask(module, query: Tensor, key: Tensor, value: Tensor, attention
         causal = lm.causal
         if causal:
             # A StaticCache hands over all max_cache_len slots; the ones after the current tokens are empty.
-            # Cropping to q_offset + Sq makes the op's bottom-right causal alignment exact (P2).
+            # Cropping to q_offset + Sq makes the op's bottom-right causal alignment exact.
             keep = min(keep, lm.q_offset + sq)
         if lm.padding is not None:
             kpm = lm.padding[:, :keep]
@@ -206,9 +201,7 @@ def prefixattn_attention(
             batch=query.shape[0],
             hidden_states=module.__dict__.pop(HIDDEN_ATTR, None),
         )
-    if prefix is not None and T5_BIAS_ATTR in module.__dict__:
-        from .positions import t5_prefix_columns  # T5 in PEFT's position frame (prefix columns get a bias)
-
+    if prefix is not None and T5_BIAS_ATTR in module.__dict__:  # T5 in PEFT's position frame: prefix columns get a bias
         key, value, kpm, bias, prefix = t5_prefix_columns(module, store, query, key, value, kpm, bias, prefix)
     pk, pv, pidx, plen = prefix if prefix is not None else (None, None, None, None)
     out = prefix_attention(
@@ -241,7 +234,7 @@ def store_context(store, query: Tensor):
 def register() -> None:
     """Register "prefixattn" with transformers (idempotent; class-level, so every model instance sees it)."""
     AttentionInterface.register(NAME, prefixattn_attention)
-    AttentionMaskInterface.register(NAME, prefixattn_mask)  # .register, not item assignment (P1)
+    AttentionMaskInterface.register(NAME, prefixattn_mask)  # .register: item assignment is not seen by the mask code
 
 
 register()

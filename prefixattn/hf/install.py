@@ -3,7 +3,7 @@
 init() validates everything it needs first (the family, the module layout, the backend), then changes the
 model: it registers a PrefixStore as `model.prefix_tuning`, tags every prefixable attention module with
 its (location, layer), sets the attention implementation of the model and all its sub-models (T5 stacks
-hold their own config copies, P6) to "prefixattn", hooks the entry modules so each forward builds its
+hold their own config copies) to "prefixattn", hooks the entry modules so each forward builds its
 prefix context once, and binds the methods below to the instance (the class is not touched, so
 save_pretrained and `type(model)` stay as they were).
 """

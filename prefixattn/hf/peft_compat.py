@@ -1,9 +1,9 @@
 """Import and export PEFT prefix-tuning checkpoints (adapter_config.json + adapter_model.safetensors).
 
-PEFT's format (research/prefix_libs.md §c.2): one tensor `prompt_embeddings` [P, num_layers*2*token_dim]
+PEFT's format (docs/hf.md, "PEFT"): one tensor `prompt_embeddings` [P, num_layers*2*token_dim]
 (post-MLP; token_dim = KV heads x head dim). `view(P, 2N, H_kv, d)`: slot 2l holds layer l's keys and
 slot 2l+1 its values. Seq2seq models (num_transformer_submodules=2) prefix only the decoder self-attention,
-and PEFT's `cat([pkv, pkv]).split(4)` gives decoder layer l the slots (4l mod 2N, 4l+1 mod 2N) (§b.2.4).
+and PEFT's `cat([pkv, pkv]).split(4)` gives decoder layer l the slots (4l mod 2N, 4l+1 mod 2N).
 
 Positions. PEFT keeps the prefix in the KV cache, so real tokens sit at positions P.. and the prefix keys
 carry no rotation; prefixattn starts real tokens at 0. With positions="peft" the importer reproduces
@@ -335,7 +335,7 @@ def save_peft_prefix(model, adapter_name: str, path, *, positions: str = "peft")
             if not (torch.equal(slots[k], prefix[layer, 0]) and torch.equal(slots[v], prefix[layer, 1])):
                 raise ValueError(
                     f"{who}: PEFT feeds decoder layers {filled[k]} and {layer} of this {n}-layer encoder-decoder "
-                    f"the same prefix (its cat+split scrambling, research §b.2.4), but adapter {adapter_name!r} "
+                    f"the same prefix (its cat+split scrambling), but adapter {adapter_name!r} "
                     f"has different prefixes there; with an even decoder layer count only adapters whose layers "
                     f"l and l+{n // 2} agree can be exported"
                 )

@@ -22,13 +22,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from . import attention as attn
+from ._keys import STORE_ATTR, T5_BIAS_ATTR
 
 METADATA_KEY = "position_offset"
 _OFFSET_ATTR = "_prefixattn_position_offset"  # cached on the ForwardContext: one host sync per forward at most
 
 
-T5_BIAS_ATTR = attn.T5_BIAS_ATTR  # on T5 decoder self-attention: the stack's layer-0 attention
 OFFSET_MODEL_TYPES = ("gpt2", "bart", "t5", "mt5")
 
 
@@ -67,7 +66,7 @@ def install(model, store) -> None:
     module = position_module(model)
     if module is None:
         return
-    module.__dict__[attn.STORE_ATTR] = store
+    module.__dict__[STORE_ATTR] = store
     module.register_forward_pre_hook(_shift_positions, with_kwargs=True)
 
 
@@ -124,7 +123,7 @@ def current_offset(store) -> int:
 
 
 def _shift_positions(module, args, kwargs):
-    store = module.__dict__[attn.STORE_ATTR]
+    store = module.__dict__[STORE_ATTR]
     offset = current_offset(store)
     if offset == 0:
         return None

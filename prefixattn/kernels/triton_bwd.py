@@ -10,7 +10,7 @@ Four launches, all deterministic (no atomics) by default:
    query tiles that can see it (causal: from the diagonal on, masking only the band).
 4. Prefix dK/dV: see _triton_prefix_bwd (chunked partials + fixed-order reduction, batch-bounded memory).
 The prefix gradient is not fused into the dq pass: the dq programs would each need all P prefix rows of dK/dV
-in registers or atomics to combine them, and the brief asks for determinism with bounded extra memory.
+in registers or atomics to combine them, and the default backward must be deterministic with bounded extra memory.
 
 deterministic=False (opt-in) drops launch 2: launches 3 and 4 already hold K (resp. the prefix block) and compute
 dS for every (key, query) pair exactly once, so each also adds scale * dS K into a zeroed fp32 dq buffer with

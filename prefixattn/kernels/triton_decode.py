@@ -168,7 +168,7 @@ def prefix_path_cost(
     elem_size: int,
     num_sms: int,
 ) -> PathCost:
-    """Predicted microseconds of the fused and the cascade path (kernels.md §5.4; vLLM's gate, §1.6).
+    """Predicted microseconds of the fused and the cascade path (docs/design.md, "Decode paths").
 
     kv = Hkv * D * elem * 2 bytes per token (K and V). Both paths stream the sequence once from HBM and
     each used prefix entry once (it stays in L2 afterwards):

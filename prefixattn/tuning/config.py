@@ -1,7 +1,7 @@
 """PrefixTuningConfig: the fields and defaults of AdapterHub `adapters`' PrefixTuningConfig, validated.
 
-Field meanings follow adapters (research/prefix_libs.md §a.1). Decoder self-attention always gets a prefix;
-`encoder_prefix` and `cross_prefix` switch the encoder self-attention and the decoder cross-attention of
+Field meanings follow adapters (docs/design.md, "Other prefix-tuning libraries"). Decoder self-attention always
+gets a prefix; `encoder_prefix` and `cross_prefix` switch the encoder self-attention and the decoder cross-attention of
 encoder-decoder models. `leave_out` holds global layer ids: for encoder-decoder models the encoder layers
 come first (0..Le-1) and the decoder layers follow (Le..Le+Ld-1), as adapters numbers them.
 """

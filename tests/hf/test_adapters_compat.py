@@ -2,7 +2,7 @@
 logits of a hand-concatenation oracle; bad checkpoints fail clearly and change nothing.
 
 The `adapters` library pins transformers 4.57 and cannot be installed next to ours, so the checkpoints are
-written here by hand following its format exactly (research/prefix_libs.md §c.1): tensor names with the pool
+written here by hand following its format exactly (docs/hf.md, "adapters (AdapterHub)"): tensor names with the pool
 duplicated under every attention module, the 1-D flat vector, gates, and the adapter_config.json layout."""
 
 import copy
@@ -217,7 +217,7 @@ def test_bart_all_three_locations(flat, tmp_path):
 
 
 def test_ejected_adapter_saved_with_flat_false_reads_as_flat(tmp_path):
-    # adapters' eject keeps "flat": false in the config next to a flat vector (prefix_libs.md §b.1.6, a bug
+    # adapters' eject keeps "flat": false in the config next to a flat vector (docs/design.md, a bug
     # there: its own loader then silently rebuilds an MLP). The tensors decide here.
     base = build("llama")
     gens, _ = write_adapters_checkpoint(base, tmp_path / "ck", flat=True, saved_flat=False)

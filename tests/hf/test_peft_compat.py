@@ -1,6 +1,7 @@
 """PEFT prefix-tuning checkpoints: import reproduces PEFT's forward logits, export loads in PEFT with the same
 logits, and bad checkpoints fail clearly without changing the model. The reference is real PEFT (0.21)
-running the same tiny base model: its FORWARD, never its generate (broken on transformers 5, research §4)."""
+running the same tiny base model: its FORWARD, never its generate (broken on transformers 5: docs/design.md,
+"Other prefix-tuning libraries")."""
 
 import copy
 import json

@@ -1,14 +1,16 @@
-"""A lane-level model of csrc/decode_kernel.cuh in numpy, for checking its index algebra without a GPU.
+"""A lane-level model of csrc/decode_kernel.cuh (the CUDA decode kernel) in numpy, for checking its index algebra
+without a GPU.
 
 It follows the kernel statement by statement: the same lanes (g, t), register fragments, 16-key tiles,
 masks, online softmax, warp merge and split merge, with mma.sync.m16n8k16 modelled from the PTX ISA's
 fragment layouts (A: rows g / g+8, cols 2t.. / 2t+8..; B: rows 2t.. / 2t+8.., col g; C: row g / g+8,
 cols 2t, 2t+1). When the kernel's data layout changes, change this model the same way and run
 
-    python csrc/decode_model.py
+    python tools/decode_lane_model.py
 
 which compares the model with the float64 reference on small problems (contiguous and paged, prefixes,
-padding, splits, bad page ids). It checks the algebra, not the CUDA code: the GPU tests do that.
+padding, splits, bad page ids); tests/test_decode_lane_model.py runs the same cases. It checks the algebra,
+not the CUDA code: the GPU tests do that.
 """
 
 import math
@@ -442,20 +444,7 @@ def check(
         f"paged={paged} lengths={lengths} -> out rel {err:.2e}, lse max abs {lerr:.2e}"
     )
     assert err < 1e-2 and lerr < 1e-2, "MISMATCH"
-
-
-if __name__ == "__main__":
-    check()
-    check(D=128, Sk=50, Pl=0)
-    check(Sq=3, Hq=8, Hkv=2, Sk=40, Pl=7, kpm=True, ns=3)
-    check(Sq=5, Hq=8, Hkv=1, Sk=20, Pl=3, causal=True, ns=2)  # rows = 40 -> 3 row groups
-    check(pool=3, Pl=6, lengths=True, B=3, Sk=23, ns=2)
-    check(paged=True, B=3, Sk=30, Pl=4, ps=8, Sq=2, ns=2)
-    check(paged=True, B=2, Sk=20, Pl=0, ps=5, Sq=1, ns=1, bad_page=True)
-    check(Sk=0, Pl=3, causal=False, B=1, Sq=2)
-    check(Sk=3, Pl=0, causal=False, kpm=True, B=4, Sq=2, seed=3)
-    check(Sk=5, Pl=0, causal=False, kpm=True, B=2, Sq=1, ns=4)
-    check(dt=torch.float16, Sk=70, Pl=9, ns=1)
+    return err, lerr
 
 
 def from_tensors(
@@ -475,6 +464,8 @@ def from_tensors(
     bt=None,
     sl=None,
 ):
+    """The model's (out, lse) for torch tensors in prefix_attention's layout (paged: kc/vc pages, block table bt,
+    sequence lengths sl); softmax scale default 1/sqrt(D)."""
     B, Hq, Sq, D = q.shape
     paged = kc is not None
     Hkv = kc.shape[2] if paged else k.shape[1]
@@ -488,7 +479,7 @@ def from_tensors(
         causal=causal,
         ns=splits,
         paged=paged,
-        scale=scale,
+        scale=scale if scale is not None else D**-0.5,
         q=f(q),
         pk=f(pk) if pk is not None and pk.shape[-2] > 0 else None,
         pv=f(pv),
@@ -505,3 +496,24 @@ def from_tensors(
     out, lse = emulate(P, q.dtype)
     out_t = torch.from_numpy(out).to(q.dtype)
     return out_t, torch.from_numpy(lse).float()
+
+
+# Small problems that reach every branch of the kernel's index algebra (keyword arguments of check()).
+CASES = (
+    dict(),
+    dict(D=128, Sk=50, Pl=0),
+    dict(Sq=3, Hq=8, Hkv=2, Sk=40, Pl=7, kpm=True, ns=3),
+    dict(Sq=5, Hq=8, Hkv=1, Sk=20, Pl=3, causal=True, ns=2),  # rows = 40 -> 3 row groups
+    dict(pool=3, Pl=6, lengths=True, B=3, Sk=23, ns=2),
+    dict(paged=True, B=3, Sk=30, Pl=4, ps=8, Sq=2, ns=2),
+    dict(paged=True, B=2, Sk=20, Pl=0, ps=5, Sq=1, ns=1, bad_page=True),
+    dict(Sk=0, Pl=3, causal=False, B=1, Sq=2),
+    dict(Sk=3, Pl=0, causal=False, kpm=True, B=4, Sq=2, seed=3),
+    dict(Sk=5, Pl=0, causal=False, kpm=True, B=2, Sq=1, ns=4),
+    dict(dt=torch.float16, Sk=70, Pl=9, ns=1),
+)
+
+
+if __name__ == "__main__":
+    for case in CASES:
+        check(**case)
