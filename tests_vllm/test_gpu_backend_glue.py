@@ -51,6 +51,9 @@ class FakePool:
     def layer(self, i):
         return self.k[i], self.v[i], self.lengths[i]
 
+    def index(self, name):
+        return self.names.index(name)
+
 
 @pytest.fixture
 def backend(monkeypatch):
@@ -189,3 +192,45 @@ def test_unsupported_settings_fail_at_construction(backend):
         gpu_backend.PrefixFlashAttentionImpl(HQ, D, 0.3, HKV, None, 16, "auto")
     with pytest.raises(ValueError, match="tensor parallelism"):  # a rank whose layers have 1 KV head
         gpu_backend.PrefixFlashAttentionImpl(2, D, 0.3, 1, None, None, "auto")
+
+
+def test_model_runner_v2_wrapper_routes_rows_by_idx_mapping(monkeypatch):
+    """mrv2.install_routing around Model Runner V2's methods (their vLLM bodies replaced by recorders): entries
+    are admitted per request slot, and each step's rows follow that step's idx_mapping, padding -1."""
+    from vllm.v1.worker.gpu import model_runner
+
+    from prefixattn.vllm_plugin import mrv2
+
+    cls = model_runner.GPUModelRunner
+    calls = []
+
+    def fake_init(self, vllm_config, device):
+        self.max_num_reqs, self.req_states = 4, types.SimpleNamespace(req_id_to_index={})
+
+    def fake_add(self, scheduler_output):
+        for new in scheduler_output.scheduled_new_reqs:
+            self.req_states.req_id_to_index[new.req_id] = new.slot
+
+    for name, fn in (("__init__", fake_init), ("add_requests", fake_add),
+                     ("prepare_attn", lambda self, batch: calls.append(batch) or "attn")):  # fmt: skip
+        monkeypatch.setattr(cls, name, fn)
+    monkeypatch.setattr(mrv2, "_INSTALLED", False)
+    monkeypatch.setattr(mrv2, "_ROUTING", None)
+    pool_mod = types.ModuleType("prefixattn.vllm_plugin.pool")
+    pool_mod.current_pool = lambda: FakePool(torch.Generator().manual_seed(0))
+    monkeypatch.setitem(sys.modules, "prefixattn.vllm_plugin.pool", pool_mod)
+
+    mrv2.install_routing()
+    runner = cls(None, "cpu")
+    assert mrv2.active()
+
+    def new(req_id, slot, prefix):
+        return types.SimpleNamespace(req_id=req_id, slot=slot, sampling_params=types.SimpleNamespace(
+            extra_args={"prefix": prefix} if prefix else None))  # fmt: skip
+
+    runner.add_requests(types.SimpleNamespace(scheduled_new_reqs=[new("x", 2, "c"), new("y", 0, None)]))
+    assert runner.prepare_attn(types.SimpleNamespace(idx_mapping=torch.tensor([0, 2]))) == "attn"
+    assert mrv2.row_prefix_index(3).tolist() == [-1, 2, -1]
+    runner.add_requests(types.SimpleNamespace(scheduled_new_reqs=[new("z", 0, "a")]))  # slot 0 reused
+    runner.prepare_attn(types.SimpleNamespace(idx_mapping=torch.tensor([2, 0])))
+    assert mrv2.row_prefix_index(4).tolist() == [2, 0, -1, -1] and len(calls) == 2
