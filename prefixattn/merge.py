@@ -66,6 +66,12 @@ def merge_prefix(
     Index values are not range-checked on the GPU (that would synchronise); on the CPU they are.
     """
     scale = _validate(q, out, lse, prefix_k, prefix_v, token_prefix_index, prefix_lengths, softmax_scale, backend)
+    return fold_unchecked(q, out, lse, prefix_k, prefix_v, token_prefix_index, prefix_lengths, scale, backend)
+
+
+def fold_unchecked(q, out, lse, prefix_k, prefix_v, token_prefix_index, prefix_lengths, scale: float, backend="auto"):
+    """merge_prefix without the argument checks, for a caller that has validated the same shapes once already
+    (a serving engine's attention layer, every step: the checks are host work on its critical path)."""
     if backend == "auto":
         backend = _auto_backend(q.device)
     if backend == "triton":

@@ -337,3 +337,11 @@ def test_gpu_graph_capture_and_replay_with_new_indices():
         eager = dict(args, out=out0.clone())
         want_out, want_lse = prefixattn.merge_prefix(**eager)
         assert torch.equal(args["out"], want_out) and torch.equal(lse_graph, want_lse)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fold_unchecked_is_merge_prefix_without_checks(backend):
+    args, (ref_out, _) = ragged_problem(MIXED)
+    pos = [args[k] for k in ("q", "out", "lse", "prefix_k", "prefix_v", "token_prefix_index", "prefix_lengths")]
+    out, _ = merge.fold_unchecked(*pos, 0.25, backend)  # the scale ragged_problem's reference used: 1/sqrt(16)
+    assert rel_err(out, ref_out) < TOLERANCE[torch.float64]

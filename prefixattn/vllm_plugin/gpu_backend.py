@@ -139,7 +139,7 @@ def _build_classes():
     from vllm.v1.attention.backend import AttentionType
     from vllm.v1.attention.backends import flash_attn as fa
 
-    from ..merge import merge_prefix, token_prefix_index
+    from ..merge import fold_unchecked, merge_prefix, token_prefix_index
     from . import mrv2
     from .pool import ensure_pool, layer_index
 
@@ -150,6 +150,7 @@ def _build_classes():
             super().__init__(*args, **kwargs)
             self.prefix_layer: int | None = None
             self.pool = None
+            self.checked = False  # merge_prefix's argument checks ran once
             if self.attn_type != AttentionType.DECODER:
                 return
             config = get_current_vllm_config_or_none()
@@ -231,8 +232,20 @@ def _build_classes():
                 num_splits=attn_metadata.max_num_splits,
                 return_softmax_lse=True,
             )
-            token_index = token_prefix_index(rows, attn_metadata.query_start_loc, tokens)
-            merge_prefix(query, out, lse.t(), prefix_k, prefix_v, token_index, lengths, softmax_scale=self.scale)
+            # One [T] index per step, shared by the layers (vLLM builds one metadata object per step and hands
+            # it to every layer); keyed by what it is computed from, in case a copy of the object is reused.
+            key = (attn_metadata.query_start_loc.data_ptr(), tokens, rows.data_ptr())
+            cached = getattr(attn_metadata, "_prefixattn_token_index", None)
+            if cached is not None and cached[0] == key:
+                token_index = cached[1]
+            else:
+                token_index = token_prefix_index(rows, attn_metadata.query_start_loc, tokens)
+                attn_metadata._prefixattn_token_index = (key, token_index)
+            if self.checked:
+                fold_unchecked(query, out, lse.t(), prefix_k, prefix_v, token_index, lengths, self.scale)
+            else:  # the first call checks every argument; later calls differ only in T
+                merge_prefix(query, out, lse.t(), prefix_k, prefix_v, token_index, lengths, softmax_scale=self.scale)
+                self.checked = True
             return output
 
         def _paged_decode(self, query, kv_cache, attn_metadata, out, output, rows, prefix_k, prefix_v, lengths):
