@@ -232,8 +232,8 @@ def _build_classes():
                 num_splits=attn_metadata.max_num_splits,
                 return_softmax_lse=True,
             )
-            # One [T] index per step, shared by the layers (vLLM builds one metadata object per step and hands
-            # it to every layer); keyed by what it is computed from, in case a copy of the object is reused.
+            # One [T] index per step, shared by the layers: vLLM builds a new metadata object every step and
+            # hands it to every layer. The key guards against a copy of it with other buffers or token count.
             key = (attn_metadata.query_start_loc.data_ptr(), tokens, rows.data_ptr())
             cached = getattr(attn_metadata, "_prefixattn_token_index", None)
             if cached is not None and cached[0] == key:
