@@ -83,17 +83,18 @@ def backend(monkeypatch):
     monkeypatch.setattr(gpu_backend, "_CLASSES", None)
 
 
-def run_step(impl, pool, rows, g, seqs, layer=1, padded_tokens=3):
+def run_step(impl, pool, rows, g, seqs, layer=1, padded_tokens=3, also=None):
     """seqs: (new tokens, cached tokens before them, pool entry). Builds vLLM's paged cache, metadata and
     buffers (with CUDA-graph-style padding rows and tokens), runs the backend's forward and returns
-    (its output for the real tokens, the reference's, the untouched padding)."""
+    (its output for the real tokens, the reference's, the untouched padding). also=(impl, layer): a second
+    layer run on the same step's metadata; then its (output, reference) pair is appended."""
     from vllm.v1.attention.backends.flash_attn import FlashAttentionMetadata
 
     num_blocks = 32
     kv_cache = torch.zeros(num_blocks, HKV, BLOCK, 2 * D, dtype=torch.float64)  # [blocks, Hkv, block, 2D]
     key_cache, value_cache = kv_cache.transpose(1, 2).split(D, dim=-1)
     perm = torch.randperm(num_blocks, generator=g).tolist()
-    qs, expect, qsl, seq_lens, tables = [], [], [0], [], []
+    qs, expect, expect_also, qsl, seq_lens, tables = [], [], [], [0], [], []
     for n, ctx, entry in seqs:
         total = ctx + n
         pages = [perm.pop() for _ in range(math.ceil(total / BLOCK))]
@@ -110,6 +111,13 @@ def run_step(impl, pool, rows, g, seqs, layer=1, padded_tokens=3):
         )  # fmt: skip
         qs.append(q)
         expect.append(ref[0].transpose(0, 1))
+        if also is not None:
+            pk, pv, lens = pool.layer(also[1])
+            ref = prefix_attention_reference(
+                q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], pk, pv,
+                prefix_index=torch.tensor([entry]), prefix_lengths=lens, causal=True, softmax_scale=0.3,
+            )  # fmt: skip
+            expect_also.append(ref[0].transpose(0, 1))
         qsl.append(qsl[-1] + n)
         seq_lens.append(total)
         tables.append(pages + [0] * (8 - len(pages)))
@@ -130,14 +138,24 @@ def run_step(impl, pool, rows, g, seqs, layer=1, padded_tokens=3):
         block_table=torch.tensor(tables, dtype=torch.int32),
         slot_mapping=torch.zeros(tokens, dtype=torch.int64),
     )
-    layer_mod = types.SimpleNamespace(
-        layer_name=f"model.layers.{layer}.self_attn.attn",
-        _q_scale=torch.ones(1),
-        _k_scale=torch.ones(1),
-        _v_scale=torch.ones(1),
-    )
-    impl.forward(layer_mod, query, None, None, kv_cache, meta, output)
-    return output[:tokens], torch.cat(expect), output[tokens:]
+
+    def layer_module(i):
+        return types.SimpleNamespace(
+            layer_name=f"model.layers.{i}.self_attn.attn",
+            _q_scale=torch.ones(1),
+            _k_scale=torch.ones(1),
+            _v_scale=torch.ones(1),
+        )
+
+    impl.forward(layer_module(layer), query, None, None, kv_cache, meta, output)
+    result = (output[:tokens], torch.cat(expect), output[tokens:])
+    if also is not None:
+        shared = meta._prefixattn_token_index[1]
+        other = torch.full_like(query, 123.0)
+        also[0].forward(layer_module(also[1]), query, None, None, kv_cache, meta, other)
+        assert meta._prefixattn_token_index[1] is shared  # computed once per step, reused by the next layer
+        result += (other[:tokens], torch.cat(expect_also))
+    return result
 
 
 MIXED = [(1, 6, 0), (4, 0, -1), (3, 5, 2), (1, 9, 1), (5, 3, 0)]
@@ -151,9 +169,15 @@ def test_mixed_batch_equals_reference(backend):
 
 
 def test_each_layer_uses_its_own_prefix(backend):
+    """Two layers on one step's metadata: each folds its own layer of the pool, with one shared token index."""
+    from prefixattn.vllm_plugin import gpu_backend
+
     impl, pool, rows, g = backend
-    got, want, _ = run_step(impl, pool, rows, g, MIXED, layer=0)
+    other = gpu_backend.PrefixFlashAttentionImpl(HQ, D, 0.3, HKV, None, None, "auto")
+    got, want, _, got0, want0 = run_step(impl, pool, rows, g, MIXED, layer=1, also=(other, 0))
     assert torch.allclose(got, want, atol=1e-10, rtol=0)
+    assert torch.allclose(got0, want0, atol=1e-10, rtol=0)
+    assert not torch.allclose(want, want0)  # the layers' prefixes differ, so this tells them apart
 
 
 def test_paged_decode_switch_gives_the_same_result(backend, monkeypatch):
