@@ -4,14 +4,15 @@
 #
 #   bash benchmarks/gpu_check.sh [--quick] [--steps LIST] [--budget SECONDS] [--dry]
 #
-#   --steps LIST     comma list, run in the order given, of install,env,tests,memcheck,attention,decode,e2e
+#   --steps LIST     comma list, run in the order given, of install,env,tests,memcheck,attention,decode,e2e,
+#                    serving (not in the default list: it needs vLLM for most of its rows)
 #                    (default: all, in that order; --dry: env,attention,decode,e2e)
 #   --budget S       total wall-clock seconds (default 540; --dry 300). Each step gets what is left, capped;
 #                    steps that no longer fit are skipped and listed as SKIPPED.
 #   --quick          the benchmarks' quick modes (fewer shapes / points / tokens)
 #   --dry, --smoke   no GPU: tiny shapes on the CPU, backend torch, no install (tests this script)
-#   --attn-args A, --decode-args A, --e2e-args A   extra arguments for one benchmark, e.g. "--skip-flex",
-#                    "--phases main,gqa", "--phases train,generate"
+#   --attn-args A, --decode-args A, --e2e-args A, --serving-args A   extra arguments for one benchmark,
+#                    e.g. "--skip-flex", "--phases main,gqa", "--phases train,generate"
 #   --pytest-args A  replaces the default "-q -m gpu --maxfail=10 -rfE -p no:cacheprovider"
 # Environment: OUT (default ./out), PYTHON (default python3), WORK (scratch, default a new /tmp dir),
 # PREFIXATTN_GIT_COMMIT (the commit to record where the tree has no usable .git, as on the device machine), and
@@ -24,7 +25,7 @@
 
 set -uo pipefail
 
-usage() { sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; }
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO" || exit 2
@@ -36,6 +37,7 @@ BUDGET=${BUDGET:-}
 ATTN_ARGS=${ATTN_ARGS:-}
 DECODE_ARGS=${DECODE_ARGS:-}
 E2E_ARGS=${E2E_ARGS:-}
+SERVING_ARGS=${SERVING_ARGS:-}
 PYTEST_ARGS=${PYTEST_ARGS:--q -m gpu --maxfail=10 -rfE -p no:cacheprovider}
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -46,6 +48,7 @@ while [ $# -gt 0 ]; do
     --attn-args) ATTN_ARGS=$2; shift ;;
     --decode-args) DECODE_ARGS=$2; shift ;;
     --e2e-args) E2E_ARGS=$2; shift ;;
+    --serving-args) SERVING_ARGS=$2; shift ;;
     --pytest-args) PYTEST_ARGS=$2; shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument '$1'" >&2; usage >&2; exit 2 ;;
@@ -68,7 +71,7 @@ else
   STEPS=${STEPS:-install,env,tests,memcheck,attention,decode,e2e}
   BUDGET=${BUDGET:-540}
 fi
-ALL_STEPS=install,env,tests,memcheck,attention,decode,e2e
+ALL_STEPS=install,env,tests,memcheck,attention,decode,e2e,serving
 for s in ${STEPS//,/ }; do
   [[ ",$ALL_STEPS," == *",$s,"* ]] || { echo "gpu_check.sh: unknown step '$s' (steps: $ALL_STEPS)" >&2; exit 2; }
 done
@@ -102,10 +105,11 @@ package() {  # results so far -> $OUT (called after every step)
     fi
     echo
     timeout 60 "$PY" benchmarks/summarize.py "$RESULTS" --brief 2>&1
+    [ -f "$RESULTS/serving.txt" ] && { echo; echo "serving:"; cat "$RESULTS/serving.txt"; }
   } > "$WORK/summary.txt"
   timeout 60 "$PY" benchmarks/summarize.py "$RESULTS" > "$WORK/summary_full.txt" 2>&1
   cp "$WORK/summary.txt" "$OUT/summary.txt"
-  for f in attention.json decode.json e2e.json attention.png decode.png; do
+  for f in attention.json decode.json e2e.json serving.json attention.png decode.png; do
     [ -f "$RESULTS/$f" ] && cp "$RESULTS/$f" "$OUT/$f"
   done
   tar czf "$OUT/results.tar.gz.tmp" -C "$WORK" . 2>/dev/null && mv "$OUT/results.tar.gz.tmp" "$OUT/results.tar.gz"
@@ -163,6 +167,8 @@ print(json.dumps(env, indent=1))'
     decode) run_step decode ${CAP_DECODE:-200} \
       "$PY benchmarks/bench_decode.py --out $RESULTS --budget-s \$STEP_BUDGET $QFLAG $SMOKE $DECODE_ARGS" ;;
     e2e) run_step e2e ${CAP_E2E:-360} "$PY benchmarks/bench_e2e.py --out $RESULTS --budget-s \$STEP_BUDGET $QFLAG $SMOKE $E2E_ARGS" ;;
+    serving) run_step serving ${CAP_SERVING:-240} \
+      "$PY benchmarks/bench_serving.py --out $RESULTS --budget-s \$STEP_BUDGET $QFLAG $SMOKE $SERVING_ARGS" ;;
   esac
 }
 

@@ -1,6 +1,7 @@
 """prefixattn: fused attention over a shared prefix buffer, for prefix tuning on GPUs."""
 
 from .attention_module import PrefixAttention
+from .merge import merge_prefix, token_prefix_index
 from .ops import prefix_attention
 from .paged import prefix_attention_paged
 from .reference import prefix_attention_reference
@@ -11,6 +12,8 @@ __version__ = "0.1.0"
 __all__ = [
     "prefix_attention",
     "prefix_attention_paged",
+    "merge_prefix",
+    "token_prefix_index",
     "prefix_attention_reference",
     "PrefixAttention",
     "PrefixTuningConfig",

@@ -2,15 +2,16 @@
 
 Modules: timing (timing, input rotation, result records, progress), attention (training-shape attention
 against the baselines of docs/design.md), decode (decode kernels against concat + SDPA), e2e (a 1.1B
-Llama-shaped model: training step and generation through transformers), summary (tables from saved JSON).
+Llama-shaped model: training step and generation through transformers), serving (vLLM + prefixattn against
+plain vLLM and HF generate(); merge_prefix alone), summary (tables from saved JSON).
 Nothing is imported here, so `import prefixattn` never pays for the benchmarks.
 """
 
-COMMANDS = ("attention", "decode", "e2e", "summary")
+COMMANDS = ("attention", "decode", "e2e", "serving", "summary")
 
 
 def run(argv=None) -> int:
-    """Entry point for `prefixattn bench [attention|decode|e2e|summary] [options]` (default: attention)."""
+    """Entry point for `prefixattn bench [attention|decode|e2e|serving|summary] [options]` (default: attention)."""
     import importlib
     import sys
 

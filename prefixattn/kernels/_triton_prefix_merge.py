@@ -179,10 +179,13 @@ def merge_prefix(
     lse_seq: torch.Tensor,
     scale: float,
     out: torch.Tensor,
+    block_m: int | None = None,
 ):
     """(out [B, Hq, Sq, D], lse [B, Hq, Sq]) of attention over [prefix; sequence], from the sequence-only result
     out_seq [B, Hq, Sq, D] (any strides, last dim contiguous) and its natural-log lse_seq [B, Hq, Sq], written
-    into out (any strides, last dim contiguous). prefix_index must already be range-mapped (out of range -> -1)."""
+    into out (any strides, last dim contiguous; out may be out_seq itself: each program reads its rows before
+    writing them). prefix_index must already be range-mapped (out of range -> -1). block_m overrides the query
+    tile height (the token-major entry prefixattn.merge_prefix runs a few query heads per program, not 128 rows)."""
     batch, heads_q, seq_q, head_dim = q.shape
     lse = torch.empty((batch, heads_q, seq_q), dtype=acc_dtype(q.dtype), device=q.device)
     if out.numel() == 0:
@@ -196,7 +199,8 @@ def merge_prefix(
     cfg = config_for("fwd", head_dim, q.dtype)
     # A short prefix gets a narrower key tile (the training table's 128 would be mostly masked at P = 16).
     block_n = min(cfg.block_n, max(16, triton.next_power_of_2(pre.length)))
-    grid = (triton.cdiv(seq_q, cfg.block_m), batch * heads_q)
+    block_m = block_m or cfg.block_m
+    grid = (triton.cdiv(seq_q, block_m), batch * heads_q)
     _prefix_merge_fwd_kernel[grid](
         q,
         pre.k,
@@ -228,7 +232,7 @@ def merge_prefix(
         scale * LOG2E,
         HEAD_DIM=head_dim,
         BLOCK_D=head_dim_block(head_dim),
-        BLOCK_M=cfg.block_m,
+        BLOCK_M=block_m,
         BLOCK_N=block_n,
         POOLED=pre.pooled,
         HAS_LENGTHS=pre.has_lengths,
