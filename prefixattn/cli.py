@@ -9,7 +9,7 @@ USAGE = """usage: prefixattn <command> [options]
 commands:
   check   run every available backend on small problems against the float64 reference
   bench   benchmarks: prefixattn bench [attention|decode|e2e|summary] [options] (attention by default;
-          real numbers need a GPU, --smoke runs tiny shapes on the CPU)
+          real numbers need a GPU, --smoke is a CPU dry run: tiny shapes, nothing judged)
   demo    prefix-tune a small model end to end (about 10 s on a laptop CPU; a 135M model with --model:
           about a minute): train, eject, save, reload, generate, and the KV-cache bytes a shared prefix
           saves; prefixattn demo --help for options
