@@ -1,8 +1,9 @@
 """Builds the package; the CUDA extension (csrc/ -> prefixattn._C) is added when nvcc is found.
 
 Environment:
-  PREFIXATTN_BUILD_CUDA   unset: build the extension when nvcc and pybind11 are found; a failed compile
-                          then only warns (the package runs on Triton without it).
+  PREFIXATTN_BUILD_CUDA   unset: build the extension when nvcc and pybind11 are found, GPU or not (it says
+                          so on the terminal); a failed compile then only warns (the package runs on
+                          Triton without it).
                           1: build it and fail the install if that is not possible. 0: never build it.
   PREFIXATTN_CUDA_ARCHS   ';'- or ','-separated targets, default "80;90a" (sm_80 and Hopper's sm_90a),
                           compiled as -gencode=arch=compute_X,code=sm_X, plus PTX of the lowest one so
@@ -35,6 +36,19 @@ DEFAULT_ARCHS = "80;90a"
 
 def _log(msg: str) -> None:
     sys.stderr.write(f"prefixattn setup: {msg}\n")  # one write: compiles log from several threads
+
+
+def _notice(msg: str) -> None:
+    """A line the user should see. pip hides a build's output unless -v, so it also goes to the terminal pip
+    runs in, when there is one (a CI log without a terminal has it with -v)."""
+    _log(msg)
+    if sys.stderr.isatty():
+        return
+    try:
+        with open("/dev/tty", "w") as tty:
+            tty.write(f"\nprefixattn setup: {msg}\n")
+    except OSError:
+        pass
 
 
 def _build_mode() -> str | None:
@@ -105,6 +119,11 @@ class BuildExt(build_ext):
     Extensions marked optional (the auto mode) only warn when they fail to build."""
 
     def build_extension(self, ext):
+        if getattr(ext, "_prefixattn_optional", False):
+            _notice(
+                "compiling the CUDA extension prefixattn._C because nvcc was found (it is used only on an NVIDIA "
+                "GPU; this adds ~15 s to the install); PREFIXATTN_BUILD_CUDA=0 skips it"
+            )
         try:
             self._build(ext)
         except Exception as err:  # noqa: BLE001

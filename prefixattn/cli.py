@@ -9,9 +9,10 @@ USAGE = """usage: prefixattn <command> [options]
 commands:
   check   run every available backend on small problems against the float64 reference
   bench   benchmarks: prefixattn bench [attention|decode|e2e|serving|summary] [options] (attention by default;
-          real numbers need a GPU, --smoke runs tiny shapes on the CPU)
-  demo    prefix-tune a small model end to end (about 10 s on a CPU): train, eject, save, reload,
-          generate, and the KV-cache bytes a shared prefix saves; prefixattn demo --help for options
+          real numbers need a GPU, --smoke is a CPU dry run: tiny shapes, nothing judged)
+  demo    prefix-tune a small model end to end (about 10 s on a laptop CPU; a 135M model with --model:
+          about a minute): train, eject, save, reload, generate, and the KV-cache bytes a shared prefix
+          saves; prefixattn demo --help for options
 """
 
 

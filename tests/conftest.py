@@ -4,6 +4,7 @@ TRITON_INTERPRET must be set before any @triton.jit function is defined; prefixa
 modules lazily, so setting it here (before the first test imports them) is enough.
 """
 
+import collections
 import os
 
 import pytest
@@ -22,17 +23,18 @@ if not HAS_CUDA:
 
 
 def pytest_collection_modifyitems(config, items):
-    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    skip_gpu = pytest.mark.skip(reason="GPU tests: they need a CUDA device and there is none here")
     for item in items:
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_gpu)
 
 
-@pytest.fixture
-def device():
-    return torch.device("cuda" if HAS_CUDA else "cpu")
-
-
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Say why tests were skipped, grouped by reason: `pytest -q` alone only counts them (-rs lists each)."""
+    reasons = collections.Counter()
+    for report in terminalreporter.stats.get("skipped", []):
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+        reasons[reason.removeprefix("Skipped: ")] += 1
+    for reason, n in reasons.most_common():
+        terminalreporter.write_line(f"skipped {n} test{'s' if n > 1 else ''}: {reason}")

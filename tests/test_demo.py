@@ -1,6 +1,8 @@
 """`prefixattn demo`: runs end to end with few steps, learns its task, and refuses bad input clearly."""
 
 import re
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +15,8 @@ def test_demo_runs_learns_and_reports(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert rc == 0, out + err
     assert "train [" in err and "60/60" in err  # the progress bar
+    assert re.search(r"1/60 loss [\d.]+ \d+s, ~\d+s left", err)  # from the first step, with an estimate
+    assert "next-character accuracy" in out
     before, after = map(int, re.search(r"(\d+)% without the prefix -> (\d+)% with it", out).groups())
     assert before <= 20 and after == 100
     assert "outputs identical: True" in out
@@ -21,6 +25,39 @@ def test_demo_runs_learns_and_reports(tmp_path, capsys):
     assert "the cache holds 15 tokens per sequence" in out and "Llama-3.2-1B" in out
     assert (tmp_path / "ejected" / "prefixattn_adapter.safetensors").exists()
     assert (tmp_path / "mlp" / "prefixattn_config.json").exists()
+
+
+def test_defaults_depend_on_the_model():
+    builtin = demo.parse_args([])
+    assert (builtin.steps, builtin.batch, builtin.lr) == (300, 32, 1e-2)
+    real = demo.parse_args(["--model", "some/dir"])  # a real model: fewer, cheaper steps at a gentler lr
+    assert (real.steps, real.batch, real.lr) == (40, 8, 1e-3)
+    given = demo.parse_args(["--model", "some/dir", "--steps", "7", "--lr", "0.5"])
+    assert (given.steps, given.batch, given.lr) == (7, 8, 0.5)
+
+
+def test_model_with_a_tokenizer_reports_token_accuracy_and_keeps_its_folder(tmp_path, capsys):
+    import transformers as tf
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["<pad>", "<s>", "</s>", "<unk>", "=", *demo.TARGET.split(), *demo.WORDS, *" ".join(demo.HELD_OUT).split()]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(dict.fromkeys(words))}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = tf.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    torch.manual_seed(0)
+    cfg = demo.small_config(len(fast))
+    tf.LlamaForCausalLM(cfg).save_pretrained(str(tmp_path / "m"))
+    fast.save_pretrained(str(tmp_path / "m"))
+    rc = demo.main(["--model", str(tmp_path / "m"), "--steps", "3"])
+    out, err = capsys.readouterr()
+    assert rc == 0, out + err
+    assert "training: 3 steps, batch 8, Adam lr 0.001" in out
+    assert "next-token accuracy" in out and "next-character" not in out
+    folder = re.search(r"saving the adapter under (\S+); a temporary folder, left on disk", out).group(1)
+    assert (Path(folder) / "ejected" / "prefixattn_config.json").exists()
+    shutil.rmtree(folder)
 
 
 def test_cli_dispatches_demo(capsys):

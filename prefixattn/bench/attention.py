@@ -1,4 +1,5 @@
-"""Training-shape attention: prefixattn against the baselines of docs/design.md, side by side in one run.
+"""Training-shape attention: prefixattn against concatenation, split + merge and no-prefix baselines
+(docs/design.md), side by side in one run.
 
 Methods (each checked against concat_mask on the same inputs before it is timed):
   concat_mask        torch.cat of the batch-expanded prefix into K/V (timed: it is done per layer per step),
@@ -480,7 +481,8 @@ class Bench(timing.BenchRun):
             self.record(**rec)
             results[mode] = rec
             flag = "" if rec["correct"] in (None, True) else "  WRONG"
-            self.progress(f"{shape.name} P={plen} {name} {mode}: {t['ms']:.3f} ms, {rec['TFLOPs']:.0f} TFLOP/s{flag}")
+            rate = "" if self.smoke else f", {rec['TFLOPs']:.0f} TFLOP/s"  # a CPU dry run judges nothing
+            self.progress(f"{shape.name} P={plen} {name} {mode}: {t['ms']:.3f} ms{rate}{flag}")
         return results
 
     # -- phases
@@ -626,7 +628,11 @@ def parse_args(argv):
     p.add_argument("--warmup-ms", type=float, default=25.0)
     p.add_argument("--rep-ms", type=float, default=100.0)
     p.add_argument("--budget-s", type=float, default=None, help="stop cleanly after this many seconds")
-    p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, float32, backend torch")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a CPU dry run: tiny shapes, float32, backend torch; shows that it runs, judges nothing",
+    )
     p.add_argument("--device", default=None)
     return p.parse_args(argv)
 
@@ -646,7 +652,10 @@ def main(argv=None) -> int:
     if args.skip_flex and "flex" in phases:
         phases.remove("flex")
     est = QUICK_ESTIMATES if args.quick else ESTIMATES
-    timing.print_estimates("attention", {p: est[p] for p in phases})
+    if args.smoke:
+        print(f"[attention] {report.DRY_RUN_NOTE}", file=sys.stderr, flush=True)
+    else:
+        timing.print_estimates("attention", {p: est[p] for p in phases})
     out_dir = timing.results_dir(args.out, args.smoke)
     writer = ResultWriter(out_dir / "attention.json", timing.environment(device, argv))
     bench = Bench(args, device, dtype, writer, Deadline(args.budget_s), Progress("attention"))

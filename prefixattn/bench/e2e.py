@@ -589,7 +589,9 @@ def parse_args(argv):
         ),
     )
     p.add_argument("--budget-s", type=float, default=None)
-    p.add_argument("--smoke", action="store_true", help="a tiny Llama on the CPU, float32")
+    p.add_argument(
+        "--smoke", action="store_true", help="a CPU dry run: a tiny Llama, float32; shows that it runs, judges nothing"
+    )
     p.add_argument("--device", default=None)
     return p.parse_args(argv)
 
@@ -617,7 +619,10 @@ def main(argv=None) -> int:
     }
     settings = replace(settings, **overrides)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    timing.print_estimates("e2e", estimates(settings, phases))
+    if args.smoke:
+        print(f"[e2e] {report.DRY_RUN_NOTE}", file=sys.stderr, flush=True)
+    else:
+        timing.print_estimates("e2e", estimates(settings, phases))
     out_dir = timing.results_dir(args.out, args.smoke)
     writer = ResultWriter(out_dir / "e2e.json", timing.environment(device, argv))
     writer.add(dict(kind="e2e_settings", **{k: v for k, v in settings.__dict__.items()}))

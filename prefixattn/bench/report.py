@@ -31,9 +31,21 @@ def _pyplot():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed (pip install prefixattn[bench]): no PNG", file=sys.stderr)
+        print('matplotlib is not installed (from a checkout: pip install -e ".[bench]"): no PNG', file=sys.stderr)
         return None
     return plt
+
+
+DRY_RUN_NOTE = (
+    "CPU dry run (--smoke): tiny shapes in float32; the numbers only show that the benchmark runs. Nothing is "
+    "judged here (no targets, verdicts, speedups, TFLOP/s or GPU time estimates): that takes a GPU run."
+)
+
+
+def is_dry_run(records: list[dict]) -> bool:
+    """A --smoke (CPU) run: its timings say nothing about the kernels, so no target is applied to them."""
+    env = next((r for r in records if r.get("kind") == "env"), {})
+    return "--smoke" in (env.get("argv") or []) or str(env.get("device", "")).startswith("cpu")
 
 
 # ---------------------------------------------------------------------------------------------- attention
@@ -76,7 +88,9 @@ ATTENTION_ANCHORS = {
 
 def attention_targets(records: list[dict]) -> list[dict]:
     """PASS/MISS of prefixattn (and its sdpa backend) against floor x (1 + 2P/S) x {1.2 fwd, 1.3 fwd+bwd}, per
-    shape, P and mode."""
+    shape, P and mode. None for a dry run."""
+    if is_dry_run(records):
+        return []
     rows = [r for r in records if r.get("kind") == "attention"]
     floors = {(r["shape"], r["mode"]): r["ms"] for r in rows if r["method"] == "floor"}
     out = []
@@ -128,6 +142,9 @@ def attention_table(records: list[dict]) -> str:
         f"attention benchmark  {env.get('device_name', '?')}  torch {env.get('torch')}  "
         f"triton {env.get('triton')}  commit {env.get('git_commit')}  src {env.get('source_digest')}"
     )
+    dry = is_dry_run(records)
+    if dry:
+        lines.append(DRY_RUN_NOTE)
     for c in (r for r in records if r.get("kind") == "ceiling"):
         lines.append(
             f"  ceiling {c['what']}: " + (f"{c['TFLOPs']:.0f} TFLOP/s" if "TFLOPs" in c else f"{c['TBps']:.2f} TB/s")
@@ -159,6 +176,8 @@ def attention_table(records: list[dict]) -> str:
                 mark = "!" if (f or b or {}).get("correct") is False else ""
                 cells.append(fmt_ms(f and f["ms"], 11) + (mark or " ") + fmt_ms(b and b["ms"], 8))
             lines.append(f"{method:<21}" + "".join(cells))
+        if dry:
+            continue
         rows_of = [
             ("limit (target)", tgt, "limit_ms"),
             ("prefixattn/limit", tgt, "ratio_to_limit"),
@@ -296,6 +315,8 @@ def decode_short(method: str) -> str:
 
 
 def decode_targets(records: list[dict]) -> list[dict]:
+    if is_dry_run(records):
+        return []
     rows = [r for r in records if r.get("kind") == "decode"]
     by = {(r["B"], r["Sk"], r["P"], r["method"]): r for r in rows}
     out = []
@@ -347,7 +368,9 @@ def decode_table(records: list[dict]) -> str:
     r0 = rows[0]
     copy = rows[-1].get("copy_TBps")
     timing_kind = {r.get("timing") for r in rows}
-    lines = [
+    dry = is_dry_run(records)
+    lines = [DRY_RUN_NOTE] if dry else []
+    lines += [
         f"decode benchmark  {env.get('device_name', '?')}  Hq={r0['Hq']} Hkv={r0['Hkv']} D={r0['D']} "
         f"{r0['dtype']}  copy ceiling {copy:.2f} TB/s ({rows[-1].get('copy_source')})  "
         f"timing: {','.join(sorted(timing_kind))}",
@@ -358,7 +381,7 @@ def decode_table(records: list[dict]) -> str:
     lines.append(
         f"{'B':>4} {'Sk':>6} {'P':>4} |"
         + "".join(f"{decode_short(m):>10}" for m in present)
-        + " | best       TB/s  %copy  x_concat | KV GB pa/concat"
+        + (" | KV GB pa/concat" if dry else " | best       TB/s  %copy  x_concat | KV GB pa/concat")
     )
     by = {(r["B"], r["Sk"], r["P"], r["method"]): r for r in rows}
     points = sorted({(r["B"], r["Sk"], r["P"]) for r in rows if r["P"] > 0}, key=lambda x: (x[1], x[0], x[2]))
@@ -378,8 +401,8 @@ def decode_table(records: list[dict]) -> str:
         ]
         best = min(cands, key=lambda r: r["ms"]) if cands else None
         concat = by.get((b, s, p, "concat_sdpa"))
-        tail = "   -"
-        if best:
+        tail = "" if dry else "   -"
+        if best and not dry:
             x = f"{concat['ms'] / best['ms']:.2f}x" if concat else "-"
             tail = (
                 f" {decode_short(best['method']):<9}{best['TBps_needed']:>6.2f} {100 * best['pct_of_copy']:>5.0f}% "
@@ -388,7 +411,7 @@ def decode_table(records: list[dict]) -> str:
         kv_pa = best["kv_cache_GB_per_layer"] if best else None
         kv_c = concat["kv_cache_GB_per_layer"] if concat else None
         kv = f"{kv_pa:.3f}/{kv_c:.3f}" if kv_pa is not None and kv_c is not None else "-"
-        lines.append(f"{b:>4} {s:>6} {p:>4} |" + "".join(cells) + " |" + tail + f" | {kv}")
+        lines.append(f"{b:>4} {s:>6} {p:>4} |" + "".join(cells) + ("" if dry else " |" + tail) + f" | {kv}")
     anchored = [r for r in rows if r.get("anchor_us")]
     if anchored:
         lines.append(
@@ -476,6 +499,8 @@ E2E_ANCHORS = {
 
 
 def e2e_targets(records: list[dict]) -> list[dict]:
+    if is_dry_run(records):
+        return []
     out = []
     train = {r["method"]: r for r in records if r.get("kind") == "e2e_train_step"}
     if "floor" in train:
@@ -513,6 +538,8 @@ def e2e_table(records: list[dict]) -> str:
     lines = [
         f"e2e benchmark  {env.get('device_name', '?')}  transformers {env.get('transformers')}  peft {env.get('peft')}"
     ]
+    if is_dry_run(records):
+        lines.append(DRY_RUN_NOTE)
     train = [r for r in records if r.get("kind") == "e2e_train_step"]
     if train:
         r0 = train[0]

@@ -155,6 +155,8 @@ def _entry_pre_hook(module, args, kwargs):
         ctx = store.begin_forward(choice, dtype=dtype, device=device)
     if not store._entered:
         store._current = ctx
+        # the outermost call: positions from the mask, as generate() derives them (hf/positions.py)
+        args, kwargs = positions.mask_position_ids(module, store.geometry.model_type, args, kwargs)
     # Entries that set the context are stacked, so the post-hook of exactly those ends it (an entry that
     # received the context from its caller, or whose pre-hook raised, leaves the stack alone).
     store._entered.append(id(module))

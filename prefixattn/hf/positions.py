@@ -15,9 +15,20 @@ but other position schemes have no such equivalent, so an adapter can ask to run
 
 With a per-sequence choice of adapters (prefix_choice), all chosen sequences must agree on the offset
 (sequences without a prefix count as offset 0); a mix raises a ValueError naming the adapters.
+
+Positions from the attention mask (decoder-only families): prefix keys carry no position, so a prefixed
+model's output depends on the queries' absolute positions. generate() derives them from the attention mask
+(`cumsum(mask) - 1`, real tokens start at 0 in every row), while a plain forward without position_ids counts
+from the first column, padding included. So when a forward of a prepared model gets an attention_mask
+but no position_ids, mask_position_ids gives it generate's positions: a left-padded training batch then
+trains in the frame generation uses. This holds with or without an active adapter, so the frame never depends
+on which adapters are active or chosen (for RoPE models without a prefix it changes nothing: scores depend only
+on distances; GPT-2's learned positions then follow the mask as in its generate()).
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 from torch import Tensor, nn
@@ -29,6 +40,10 @@ _OFFSET_ATTR = "_prefixattn_position_offset"  # cached on the ForwardContext: on
 
 
 OFFSET_MODEL_TYPES = ("gpt2", "bart", "t5", "mt5")
+# Decoder-only families whose forward takes position_ids and whose generate() derives them from the mask.
+# Encoder-decoders need nothing: BART's encoder and T5 count positions the same way in training and generate.
+MASK_POSITION_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
+_PARAMS_ATTR = "_prefixattn_forward_params"  # cached forward parameter names of an entry module
 
 
 def position_module(model) -> nn.Module | None:
@@ -120,6 +135,52 @@ def current_offset(store) -> int:
     offset = next(iter(used.values()))
     ctx.__dict__[_OFFSET_ATTR] = offset
     return offset
+
+
+def _input(name: str, params: list, args: tuple, kwargs: dict):
+    """The value of forward argument `name`, given by keyword or position (None if absent)."""
+    if name in kwargs:
+        return kwargs[name]
+    i = params.index(name) if name in params else len(args)
+    return args[i] if i < len(args) else None
+
+
+def mask_position_ids(module, model_type: str, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Give a decoder-only forward with an attention_mask and no position_ids the positions generate() uses:
+    `cumsum(mask) - 1` at real tokens, 0 at padding, the last S columns for S new tokens. Left alone: other
+    families, a given position_ids, no mask or a 4-D one, and a mask that does not cover the cached tokens."""
+    if model_type not in MASK_POSITION_MODEL_TYPES:
+        return args, kwargs
+    params = module.__dict__.get(_PARAMS_ATTR)
+    if params is None:
+        params = list(inspect.signature(module.forward).parameters)
+        module.__dict__[_PARAMS_ATTR] = params
+    if "position_ids" not in params or _input("position_ids", params, args, kwargs) is not None:
+        return args, kwargs
+    mask = _input("attention_mask", params, args, kwargs)
+    if not isinstance(mask, Tensor) or mask.dim() != 2:
+        return args, kwargs
+    tokens = _input("input_ids", params, args, kwargs)
+    if not isinstance(tokens, Tensor):
+        tokens = _input("inputs_embeds", params, args, kwargs)
+    if not isinstance(tokens, Tensor) or tokens.dim() < 2:
+        return args, kwargs
+    s = tokens.shape[1]
+    if mask.shape[1] < s or (mask.shape[1] == s and _past_length(params, args, kwargs) > 0):
+        return args, kwargs  # not a mask over cache + new tokens: keep the model's own positions
+    ids = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, -s:]
+    i = params.index("position_ids")
+    if i < len(args):  # passed positionally as None
+        return (*args[:i], ids, *args[i + 1 :]), kwargs
+    return args, {**kwargs, "position_ids": ids}
+
+
+def _past_length(params: list, args: tuple, kwargs: dict) -> int:
+    for name in ("cache", "past_key_values"):  # transformers >= 5.24 / 5.17
+        cache = _input(name, params, args, kwargs) if name in params or name in kwargs else None
+        if cache is not None and hasattr(cache, "get_seq_length"):
+            return int(cache.get_seq_length())
+    return 0
 
 
 def _shift_positions(module, args, kwargs):

@@ -22,12 +22,16 @@ WEIGHTS_NAME = "prefixattn_adapter.safetensors"
 FORMAT = "prefixattn.prefix_tuning"
 FORMAT_VERSION = 1
 
-# Files other libraries write, to name them in the error when someone loads one of those directly.
+# Files other libraries write, to name them in the error when someone loads one of those directly (the most
+# telling first: adapter_config.json is in both PEFT's and adapters' folders).
 _FOREIGN = {
-    "adapter_config.json": "a PEFT or adapters checkpoint (use the prefixattn importers)",
-    "adapter_model.safetensors": "a PEFT checkpoint (use the prefixattn importers)",
-    "pytorch_adapter.bin": "an adapters (AdapterHub) checkpoint (use the prefixattn importers)",
-    "adapter.safetensors": "an adapters (AdapterHub) checkpoint (use the prefixattn importers)",
+    "adapter_model.safetensors": "a PEFT checkpoint (import it with prefixattn.load_peft_prefix(model, path, name))",
+    "pytorch_adapter.bin": "an adapters (AdapterHub) checkpoint (import it with prefixattn.load_adapters_prefix(model, "
+    "path))",
+    "adapter.safetensors": "an adapters (AdapterHub) checkpoint (import it with prefixattn.load_adapters_prefix(model, "
+    "path))",
+    "adapter_config.json": "a PEFT or adapters checkpoint (import it with prefixattn.load_peft_prefix(model, path, "
+    "name) or prefixattn.load_adapters_prefix(model, path))",
 }
 
 

@@ -192,8 +192,12 @@ def _check_logits_against_oracle(model, base, gens, family):
         for layer, kv in zip(layers, adapters_kv(params, len(layers), h, d)):
             oracle.get_submodule(sites[(loc, layer)]).__dict__["_oracle_prefix"] = kv
     kw, real = batch(family)
+    frame = {}  # the oracle is no prefixattn model: give it the positions prefixattn takes from the mask
+    if not base.config.is_encoder_decoder:
+        mask = kw["attention_mask"]
+        frame = {"position_ids": (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)}
     with torch.no_grad():
-        out, ref, plain = model(**kw).logits, oracle(**kw).logits, base(**kw).logits
+        out, ref, plain = model(**kw).logits, oracle(**kw, **frame).logits, base(**kw, **frame).logits
     assert (out - ref)[real].abs().max().item() <= TOL * max(1.0, ref[real].abs().max().item())
     assert (plain - ref)[real].abs().max().item() > 1e-2
 

@@ -56,6 +56,11 @@ def _imported(base, path, **kw):
 
 
 def _logits(model, kw):
+    if isinstance(model, peft.PeftModel) and not model.config.is_encoder_decoder:
+        # PEFT's forward counts positions from the first column, padding included; prefixattn's prefixed forward
+        # takes them from the mask as generate() does. Give PEFT those positions (it adds P itself).
+        mask = kw["attention_mask"]
+        kw = {**kw, "position_ids": (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)}
     with torch.no_grad():
         return model(**kw).logits
 
