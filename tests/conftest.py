@@ -29,6 +29,11 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+@pytest.fixture
+def device():
+    return torch.device("cuda" if HAS_CUDA else "cpu")
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     """Say why tests were skipped, grouped by reason: `pytest -q` alone only counts them (-rs lists each)."""
     reasons = collections.Counter()
