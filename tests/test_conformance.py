@@ -5,7 +5,7 @@ it is checked and whether it needs a GPU; a registered backend missing there fai
 backend x case: if the backend's unsupported_reason refuses the problem, prefix_attention must refuse it
 with that reason as a clean ValueError naming `backend` (and the refusal must be one EXPECTED_REFUSALS
 lists, so a backend cannot pass by refusing everything); otherwise out, lse and, for trainable backends,
-the gradients of q, k, v and the prefix must match prefixattn.reference within tests/helpers.TOLERANCE.
+the gradients of q, k, v and the prefix must match prefixattn.reference within TOLERANCE (tests/helpers.py).
 The paged entry (prefix_attention_paged) is checked the same way against paged_reference.
 
 What is specific to one backend (forced decode plans, tile coverage, vendor-kernel routing, CUDA graphs,
